@@ -1,0 +1,25 @@
+"""Segmentation networks (teacher/student presets over MONAI) and complexity measures."""
+
+from medkd.models.complexity import count_macs, count_parameters, measure_latency
+from medkd.models.registry import (
+    PRESETS,
+    ModelSpec,
+    create,
+    create_from_spec,
+    list_models,
+    register_model,
+    scale_channels,
+)
+
+__all__ = [
+    "PRESETS",
+    "ModelSpec",
+    "count_macs",
+    "count_parameters",
+    "create",
+    "create_from_spec",
+    "list_models",
+    "measure_latency",
+    "register_model",
+    "scale_channels",
+]
