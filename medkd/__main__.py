@@ -1,0 +1,3 @@
+from medkd.cli import app
+
+app(prog_name="medkd")

@@ -1,0 +1,87 @@
+"""Atomic file writes and safe checkpoint loading.
+
+A medkd checkpoint is a plain dictionary of tensors, numbers, strings, lists and dicts, so it loads
+with ``torch.load(..., weights_only=True)``: no pickled code is ever executed. Keys:
+
+``format``        "medkd-checkpoint-v1"
+``model_spec``    :class:`medkd.models.ModelSpec` as a dict (rebuilds the network)
+``state_dict``    weights of the deployable network only
+``extra_state``   weights of training-only modules (distillation adapters, projection heads)
+``optimizer``     optimiser state (absent in exported/best-only checkpoints is fine)
+``step``, ``elapsed_s``, ``best_metric``, ``best_step``
+``preprocessing`` the preprocessing plan (normalisation, spacing, crop, mode, patch size)
+``labels``        {class name: value}
+``config``        the fully resolved run config
+``torch_rng``     CPU RNG state, so a resumed run continues the same random stream
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = "medkd-checkpoint-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or not a medkd checkpoint; the message names the file."""
+
+
+def _temp_path_beside(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".tmp_{path.name}.", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path_beside(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` with ``torch.save`` to a temporary file, fsync, then rename over ``path``.
+
+    A run killed mid-write leaves the previous checkpoint intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path_beside(path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a medkd checkpoint on the CPU with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle with code, not a torch file...
+        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a medkd checkpoint (missing format={CHECKPOINT_FORMAT!r})")
+    return state

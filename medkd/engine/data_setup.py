@@ -1,0 +1,57 @@
+"""From a run config to preprocessed training and validation cases (shared by train and distill)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from medkd.config import DataConfig
+from medkd.data.dataset import DatasetInfo, load_dataset
+from medkd.data.preprocess import PreprocessedCase, PreprocessedStore, PreprocessingPlan, make_plan
+from medkd.data.splits import get_split, subset_cases
+from medkd.data.validate import check_dataset
+
+log = logging.getLogger(__name__)
+
+
+class DataCheckError(ValueError):
+    """The dataset failed validation; ``problems`` lists every finding."""
+
+    def __init__(self, root: Path, problems: list):
+        self.problems = problems
+        listing = "\n".join(f"  {p}" for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(f"dataset {root} has {len(problems)} problem(s):\n{listing}{more}")
+
+
+@dataclass
+class TrainingData:
+    dataset: DatasetInfo
+    plan: PreprocessingPlan
+    train: list[PreprocessedCase]
+    val: list[PreprocessedCase]
+
+
+def prepare_training_data(cfg: DataConfig, seed: int = 0, check: bool | None = None) -> TrainingData:
+    """Check the dataset, split it, plan preprocessing and fill the cache (reusing what is there)."""
+    if cfg.dataset is None:
+        raise ValueError("data.dataset is not set: pass --dataset or set it in the config")
+    root = Path(cfg.dataset)
+    if check if check is not None else cfg.check:
+        problems = check_dataset(root, include_test=False)
+        if problems:
+            raise DataCheckError(root, problems)
+    dataset = load_dataset(root)
+    train_ids, val_ids = get_split(dataset, fold=cfg.fold, num_folds=cfg.num_folds, group_regex=cfg.group_regex)
+    if cfg.data_fraction < 1.0:
+        train_ids = subset_cases(train_ids, cfg.data_fraction, seed=seed)
+    train_cases = [dataset.case(i) for i in train_ids]
+    val_cases = [dataset.case(i) for i in val_ids]
+    plan = make_plan(dataset, train_cases, mode=cfg.mode, normalization=cfg.normalization,
+                     target_spacing=cfg.target_spacing, crop_nonzero=cfg.crop_nonzero)
+    store = PreprocessedStore(dataset, plan, cfg.cache_dir)
+    train = store.ensure(train_cases, num_workers=max(1, cfg.num_workers))
+    val = store.ensure(val_cases, num_workers=max(1, cfg.num_workers))
+    log.info("data: %d training / %d validation cases, cache %s", len(train), len(val), store.folder)
+    return TrainingData(dataset=dataset, plan=plan, train=train, val=val)

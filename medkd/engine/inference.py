@@ -1,0 +1,170 @@
+"""Prediction: MONAI sliding-window inference in 2D (slice by slice) or 3D, flip test-time augmentation,
+and mapping back to the input's exact grid and geometry.
+
+``predict_probabilities`` works on a preprocessed array; ``Predictor`` goes from image files on disk
+to a segmentation (and optionally float16 softmax probabilities) written with the input's spacing,
+origin and direction.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from medkd.data.io import Geometry, file_ending, read_image, write_image
+from medkd.data.preprocess import PreprocessingPlan, preprocess_arrays, restore_probabilities
+from medkd.engine.checkpoint import atomic_write_bytes, load_checkpoint
+from medkd.models import create_from_spec
+
+
+def _flip_sets(spatial_dims: int, tta: bool) -> list[tuple[int, ...]]:
+    """All subsets of spatial axes to mirror (nnU-Net's mirroring TTA); axes counted from dim 2."""
+    if not tta:
+        return [()]
+    axes = range(2, 2 + spatial_dims)
+    return [combo for r in range(spatial_dims + 1) for combo in itertools.combinations(axes, r)]
+
+
+def _mirrored_softmax(predictor: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, tta: bool) -> torch.Tensor:
+    flips = _flip_sets(batch.ndim - 2, tta)
+    total = None
+    for axes in flips:
+        x = torch.flip(batch, axes) if axes else batch
+        probs = torch.softmax(predictor(x).float(), dim=1)
+        probs = torch.flip(probs, axes) if axes else probs
+        total = probs if total is None else total + probs
+    return total / len(flips)
+
+
+@torch.inference_mode()
+def predict_probabilities(model: nn.Module, image: np.ndarray | torch.Tensor, *, mode: str, patch_size: Sequence[int],
+                          tta: bool = False, device: torch.device | str = "cpu", batch_size: int = 8,
+                          overlap: float = 0.5, amp: bool = False) -> torch.Tensor:
+    """Softmax probabilities (K, z, y, x) on CPU for a preprocessed image (C, z, y, x).
+
+    2D mode predicts every slice with a 2D sliding window of ``patch_size`` (batches of slices);
+    3D mode uses a 3D Gaussian-weighted sliding window. The model is put in eval mode.
+    """
+    model.eval()
+    device = torch.device(device)
+    volume = torch.tensor(np.asarray(image), dtype=torch.float32)  # a copy: cached arrays are read-only memmaps
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            return model(x)
+
+    def window(x: torch.Tensor) -> torch.Tensor:
+        return sliding_window_inference(x, list(patch_size), batch_size, predictor, overlap=overlap,
+                                        mode="gaussian", sw_device=device, device="cpu")
+
+    if mode == "2d":
+        slices = volume.permute(1, 0, 2, 3)  # (z, C, y, x): slices as a batch
+        chunks = [_mirrored_softmax(window, slices[i:i + batch_size].to(device), tta).cpu()
+                  for i in range(0, slices.shape[0], batch_size)]
+        return torch.cat(chunks).permute(1, 0, 2, 3).contiguous()
+    if mode == "3d":
+        return _mirrored_softmax(window, volume[None].to(device), tta)[0].cpu()
+    raise ValueError(f"mode must be '2d' or '3d', got {mode!r}")
+
+
+class Predictor:
+    """A trained network plus the preprocessing it was trained with, loaded from a checkpoint."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", tta: bool = False, amp: bool = False):
+        state = load_checkpoint(checkpoint)
+        self.checkpoint = Path(checkpoint)
+        self.model = create_from_spec(state["model_spec"])
+        self.model.load_state_dict(state["state_dict"])
+        self.model.to(device).eval()
+        self.plan = PreprocessingPlan.from_dict(state["preprocessing"]["plan"])
+        self.patch_size = state["preprocessing"]["patch_size"]
+        self.labels: dict[str, int] = state["labels"]
+        self.device, self.tta, self.amp = device, tta, amp
+
+    @property
+    def num_channels(self) -> int:
+        return self.plan.num_channels
+
+    def predict_arrays(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """Probabilities (K, *spatial) on the grid of ``image`` (C, *spatial) as read from disk."""
+        if image.shape[0] != self.num_channels:
+            raise ValueError(f"model expects {self.num_channels} channel(s), image has {image.shape[0]}")
+        if not np.isfinite(image).all():
+            raise ValueError("image contains NaN or Inf voxels")
+        prepared, _, props = preprocess_arrays(image, None, geometry, self.plan)
+        probs = predict_probabilities(self.model, prepared, mode=self.plan.mode, patch_size=self.patch_size,
+                                      tta=self.tta, device=self.device, amp=self.amp)
+        return restore_probabilities(probs.numpy(), props, image.shape[1:])
+
+    def predict_files(self, image_files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, Geometry]:
+        """Segmentation and probabilities for one case given its channel files (``_0000``, ``_0001``...)."""
+        arrays, geometry = [], None
+        for path in image_files:
+            array, geo = read_image(path)
+            if geometry is not None and (array.shape != arrays[0].shape or not geo.matches(geometry)):
+                raise ValueError(f"{path}: shape/geometry differs from channel 0 ({image_files[0]})")
+            arrays.append(array)
+            geometry = geometry or geo
+        probs = self.predict_arrays(np.stack(arrays).astype(np.float32), geometry)
+        return probs.argmax(0).astype(np.uint8), probs, geometry
+
+
+def group_channel_files(folder: Path, num_channels: int) -> dict[str, list[Path]]:
+    """nnU-Net naming: ``CASE_0000.ext``, ``CASE_0001.ext``...; every case must have all channels."""
+    cases: dict[str, dict[int, Path]] = {}
+    for path in sorted(folder.iterdir()):
+        try:
+            ending = file_ending(path)
+        except ValueError:
+            continue
+        stem = path.name[: -len(ending)]
+        if len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
+            raise ValueError(f"{path}: expected nnU-Net channel naming CASE_XXXX{ending}")
+        cases.setdefault(stem[:-5], {})[int(stem[-4:])] = path
+    grouped = {}
+    for case_id, channels in cases.items():
+        missing = [c for c in range(num_channels) if c not in channels]
+        if missing:
+            raise FileNotFoundError(f"case {case_id} in {folder}: missing channel file(s) "
+                                    + ", ".join(f"{case_id}_{c:04d}" for c in missing))
+        grouped[case_id] = [channels[c] for c in range(num_channels)]
+    if not grouped:
+        raise FileNotFoundError(f"no images with a supported ending in {folder}")
+    return grouped
+
+
+def save_probabilities(path: Path, probabilities: np.ndarray, labels: dict[str, int]) -> None:
+    """float16 softmax probabilities (K, *spatial) as ``.npz`` (keys: probabilities, class_names)."""
+    import io
+
+    names = sorted(labels, key=labels.get)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, probabilities=probabilities.astype(np.float16), class_names=np.array(names))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def predict_folder(predictor: Predictor, input_dir: Path, output_dir: Path, *, save_probs: bool = False,
+                   overwrite: bool = False, progress: Callable | None = None) -> list[Path]:
+    """Predict every case in ``input_dir``; writes ``CASE<ending>`` (+ ``CASE.npz``) into ``output_dir``."""
+    grouped = group_channel_files(Path(input_dir), predictor.num_channels)
+    output_dir = Path(output_dir)
+    outputs = {case: output_dir / f"{case}{file_ending(files[0])}" for case, files in grouped.items()}
+    existing = [p for p in outputs.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{len(existing)} prediction(s) already in {output_dir} (e.g. {existing[0].name}); "
+                              "pass --overwrite to replace them or choose another output folder")
+    written = []
+    items = list(grouped.items())
+    for case_id, files in (progress(items) if progress else items):
+        seg, probs, geometry = predictor.predict_files(files)
+        write_image(seg, geometry, outputs[case_id])
+        if save_probs:
+            save_probabilities(output_dir / f"{case_id}.npz", probs, predictor.labels)
+        written.append(outputs[case_id])
+    return written

@@ -1,0 +1,335 @@
+"""The training loop, on Lightning Fabric: one loop for supervised training and distillation.
+
+Devices, mixed precision and DDP come from Fabric (``accelerator``, ``devices``, ``num_nodes``,
+``strategy``, ``precision``): a single CPU or GPU, several GPUs, or several nodes under torchrun or
+SLURM run the same code. What is optimised is a *task* (:mod:`medkd.engine.tasks`): pass
+``task_factory`` to plug in a distillation task (frozen teacher + distillation terms).
+
+Budget: ``max_steps`` / ``max_epochs`` (x ``steps_per_epoch``) / ``max_time_min``, whichever ends
+first. The learning rate follows the poly schedule ``lr = lr0 * (1 - progress)^0.9`` where
+``progress`` is the larger of the step fraction and the elapsed-time fraction.
+
+Run folder: ``config.yaml`` (resolved config), ``last.pt`` / ``best.pt`` (atomic), ``train_log.csv``,
+``val_log.csv``, ``tensorboard/``, ``result.json``. ``resume=True`` continues from ``last.pt``: weights,
+optimiser, step, elapsed time, best score and RNG state, and the data stream continues at the same
+sample (see :mod:`medkd.data.loaders`), so an interrupted run ends with the same weights as an
+uninterrupted one (step budgets; a time budget depends on the clock).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from lightning_fabric import Fabric
+from torch import nn
+
+from medkd.config import RunConfig, save_config
+from medkd.data.loaders import PatchDataset, make_train_loader
+from medkd.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from medkd.engine.data_setup import TrainingData, prepare_training_data
+from medkd.engine.tasks import SupervisedTask
+from medkd.engine.validation import validate
+from medkd.losses import build_supervised_loss
+from medkd.models import create
+
+log = logging.getLogger(__name__)
+
+TaskFactory = Callable[[nn.Module, TrainingData, RunConfig], nn.Module]
+
+
+class RunDirError(FileExistsError):
+    """A run folder would be overwritten, or a resume has nothing to resume from."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    elapsed_s: float
+    best_metric: float
+    best_step: int
+    last_val: list[float]
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """Never overwrite an earlier run: a non-empty folder needs ``resume``; resume needs ``last.pt``."""
+    if resume:
+        if not (run_dir / "last.pt").is_file():
+            raise RunDirError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"run folder {run_dir} already holds a run; pass --resume to continue it "
+                          "or choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    if precision != "auto":
+        return precision
+    gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+    if not gpu:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class CSVLog:
+    """Append-only CSV (the header is fixed by the first row); survives resume."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fields: list[str] | None = None
+        if path.is_file():
+            with open(path, newline="") as handle:
+                self.fields = next(csv.reader(handle), None)
+
+    def write(self, row: dict[str, Any]) -> None:
+        new = self.fields is None
+        if new:
+            self.fields = list(row)
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def default_task(network: nn.Module, data: TrainingData, config: RunConfig) -> nn.Module:
+    return SupervisedTask(network, build_supervised_loss(config.train.loss))
+
+
+class Trainer:
+    """Runs one training job described by ``config`` in ``run_dir``."""
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False,
+                 task_factory: TaskFactory = default_task, callbacks: Sequence[Any] = (),
+                 extra_checkpoint: dict[str, Any] | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.task_factory = task_factory
+        self.callbacks = list(callbacks)
+        self.extra_checkpoint = extra_checkpoint or {}
+        tcfg = config.train
+        self.fabric = Fabric(accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes,
+                             strategy=tcfg.strategy, precision=resolve_precision(tcfg.precision, tcfg.accelerator))
+
+    # ---------------------------------------------------------------- setup
+
+    def _setup(self) -> None:
+        cfg, fabric = self.config, self.fabric
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        if fabric.is_global_zero:
+            prepare_run_dir(self.run_dir, self.resume)
+            if not self.resume:
+                save_config(cfg, self.run_dir / "config.yaml")
+            self.data = prepare_training_data(cfg.data, seed=cfg.train.seed)
+        fabric.barrier()
+        if not fabric.is_global_zero:  # the cache is filled now: this only reads it
+            self.data = prepare_training_data(cfg.data, seed=cfg.train.seed, check=False)
+        fabric.seed_everything(cfg.train.seed, verbose=False)
+        network = create(cfg.model.name, cfg.data.spatial_dims, self.data.dataset.num_channels,
+                         self.data.dataset.num_classes, preset=cfg.model.preset, shrink=cfg.model.shrink,
+                         deep_supervision=cfg.model.deep_supervision, **cfg.model.kwargs)
+        task = self.task_factory(network, self.data, cfg)
+        params = [p for p in task.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, cfg.train)
+        self.state = {"step": 0, "elapsed_s": 0.0, "best_metric": -math.inf, "best_step": 0, "last_val": []}
+        if self.resume:
+            self._restore(task, optimizer)
+        self.task, self.optimizer = fabric.setup(task, optimizer)
+        self.raw_task = task
+
+    def _restore(self, task: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        ckpt = load_checkpoint(self.run_dir / "last.pt")
+        task.network.load_state_dict(ckpt["state_dict"])
+        task.extra_modules().load_state_dict(ckpt["extra_state"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        for key in self.state:
+            self.state[key] = ckpt[key]
+        log.info("resumed %s at step %d", self.run_dir, self.state["step"])
+
+    # ---------------------------------------------------------------- checkpoints and logs
+
+    def _checkpoint(self, name: str) -> None:
+        if not self.fabric.is_global_zero:
+            return
+        task = self.raw_task
+        state = {
+            "model_spec": task.network.medkd_spec.to_dict(),
+            "state_dict": task.network.state_dict(),
+            "extra_state": task.extra_modules().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "preprocessing": {"plan": self.data.plan.to_dict(), "patch_size": list(self.config.data.patch_size)},
+            "labels": dict(self.data.dataset.labels),
+            "config": self.config.to_yaml_dict(),
+            **self.state,
+            **self.extra_checkpoint,
+        }
+        save_checkpoint(state, self.run_dir / name)
+
+    def _validate(self, step: int) -> None:
+        cfg = self.config
+        metric = float("nan")
+        if self.fabric.is_global_zero and self.data.val:
+            cases = self.data.val[: cfg.train.val_max_cases] if cfg.train.val_max_cases else self.data.val
+            dice = validate(self.raw_task.network, cases, mode=cfg.data.mode, patch_size=cfg.data.patch_size,
+                            num_classes=self.data.dataset.num_classes, device=self.fabric.device,
+                            amp=self.fabric.device.type == "cuda")
+            metric = float(np.nanmean(dice)) if not np.all(np.isnan(dice)) else 0.0
+            self.state["last_val"] = [float(d) for d in dice]
+            names = self.data.dataset.class_names[1:]
+            row = {"step": step, "mean_dice": metric, **{f"dice_{n}": float(d) for n, d in zip(names, dice)}}
+            self.val_log.write(row)
+            if self.tb:
+                for key, value in row.items():
+                    if key != "step":
+                        self.tb.add_scalar(f"val/{key}", value, step)
+        metric = float(self.fabric.broadcast(metric))
+        if metric > self.state["best_metric"]:
+            self.state["best_metric"], self.state["best_step"] = metric, step
+            self._checkpoint("best.pt")
+
+    # ---------------------------------------------------------------- loop
+
+    def _progress(self, elapsed: float, step: int, total_steps: int | None) -> float:
+        max_time = self.config.train.max_time_min
+        fractions = [step / total_steps] if total_steps else []
+        if max_time:
+            fractions.append(elapsed / (max_time * 60.0))
+        return min(1.0, max(fractions))
+
+    def _should_stop(self, elapsed: float, step: int, total_steps: int | None) -> bool:
+        done = self._progress(elapsed, step, total_steps) >= 1.0
+        if self.config.train.max_time_min and self.fabric.world_size > 1:
+            done = bool(self.fabric.broadcast(done))
+        return done
+
+    def fit(self) -> TrainResult:
+        self.fabric.launch()
+        self._setup()
+        cfg, fabric = self.config, self.fabric
+        tcfg = cfg.train
+        self.train_log = CSVLog(self.run_dir / "train_log.csv")
+        self.val_log = CSVLog(self.run_dir / "val_log.csv")
+        self.tb = None
+        if fabric.is_global_zero and tcfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.state["step"] or None)
+        dataset = PatchDataset(self.data.train, spatial_dims=cfg.data.spatial_dims, patch_size=cfg.data.patch_size,
+                               oversample=cfg.data.foreground_oversample, augment=cfg.data.augment,
+                               seed=tcfg.seed)
+        loader = make_train_loader(dataset, cfg.data.batch_size, start_step=self.state["step"],
+                                   rank=fabric.global_rank, world_size=fabric.world_size,
+                                   num_workers=cfg.data.num_workers)
+        batches = iter(loader)
+        total_steps = tcfg.step_budget()
+        step, started = self.state["step"], time.monotonic() - self.state["elapsed_s"]
+        bar = self._progress_bar(total_steps, step)
+        self.task.train()
+        try:
+            while not self._should_stop(time.monotonic() - started, step, total_steps):
+                lr = tcfg.lr * (1.0 - self._progress(time.monotonic() - started, step, total_steps)) ** tcfg.poly_exponent
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                batch = next(batches)
+                batch = {k: v.to(fabric.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                terms = self.task(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                fabric.backward(terms["loss"])
+                if tcfg.grad_clip:
+                    fabric.clip_gradients(self.task, self.optimizer, max_norm=tcfg.grad_clip)
+                self.optimizer.step()
+                step += 1
+                self.state["step"], self.state["elapsed_s"] = step, time.monotonic() - started
+                self._after_step(step, lr, terms, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.tb:
+                self.tb.flush()
+        return self._finish(step)
+
+    def _after_step(self, step: int, lr: float, terms: dict[str, torch.Tensor], bar) -> None:
+        tcfg, fabric = self.config.train, self.fabric
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(f"loss became {terms['loss'].item()} at step {step}; last checkpoint kept")
+        if step % tcfg.log_every == 0 and fabric.is_global_zero:
+            row = {"step": step, "elapsed_s": round(self.state["elapsed_s"], 2), "lr": lr,
+                   **{k: float(v.detach()) for k, v in terms.items()}}
+            self.train_log.write(row)
+            if self.tb:
+                for key, value in row.items():
+                    if key != "step":
+                        self.tb.add_scalar(f"train/{key}", value, step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}", refresh=False)
+        if step % tcfg.val_every == 0:
+            self._validate(step)
+        if step % tcfg.checkpoint_every == 0:
+            self._checkpoint("last.pt")
+        for callback in self.callbacks:
+            if hasattr(callback, "on_step_end"):
+                callback.on_step_end(self, step, terms)
+
+    def _progress_bar(self, total_steps: int | None, step: int):
+        if not (self.config.train.progress and self.fabric.is_global_zero):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total_steps, initial=step, desc=f"train {self.run_dir.name}", unit="step",
+                    mininterval=1.0, dynamic_ncols=True)
+
+    def _ranks_in_sync(self) -> bool:
+        """Whether every DDP rank ends with bit-identical network weights (gathers them once)."""
+        if self.fabric.world_size == 1:
+            return True
+        flat = torch.cat([p.detach().float().flatten() for p in self.raw_task.network.parameters()])
+        gathered = self.fabric.all_gather(flat)
+        return bool(all(torch.equal(gathered[0], g) for g in gathered[1:]))
+
+    def _finish(self, step: int) -> TrainResult:
+        in_sync = self._ranks_in_sync()
+        if step % self.config.train.val_every != 0 or not self.state["last_val"]:
+            self._validate(step)
+        self._checkpoint("last.pt")
+        if self.fabric.is_global_zero and not (self.run_dir / "best.pt").exists():
+            self._checkpoint("best.pt")
+        result = TrainResult(self.run_dir, step, self.state["elapsed_s"], self.state["best_metric"],
+                             self.state["best_step"], self.state["last_val"])
+        if self.fabric.is_global_zero:
+            summary = {**result.__dict__, "run_dir": str(self.run_dir),
+                       "class_names": self.data.dataset.class_names[1:], "world_size": self.fabric.world_size,
+                       "ranks_in_sync": in_sync}
+            atomic_write_text(self.run_dir / "result.json", json.dumps(summary, indent=1))
+        return result
+
+
+def train(config: RunConfig, run_dir: str | Path, resume: bool = False, **kwargs: Any) -> TrainResult:
+    """Train ``config`` in ``run_dir`` (a resumed run takes its config from the run folder)."""
+    if resume:
+        from medkd.config import load_config
+
+        prepare_run_dir(Path(run_dir), resume=True)
+        config = load_config(Path(run_dir) / "config.yaml")
+    return Trainer(config, run_dir, resume=resume, **kwargs).fit()

@@ -1,0 +1,46 @@
+"""Shared fixtures: small synthetic datasets made once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medkd.data.phantoms import make_phantoms
+
+ACDC = Path(__file__).resolve().parents[2] / "shared" / "data" / "ACDC"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def phantoms_2d(tmp_path_factory) -> Path:
+    return make_phantoms(tmp_path_factory.mktemp("ph2d") / "Dataset001_P2D", spatial_dims=2,
+                         num_train=10, num_test=2, shape=(64, 64), seed=1)
+
+
+@pytest.fixture(scope="session")
+def phantoms_3d(tmp_path_factory) -> Path:
+    return make_phantoms(tmp_path_factory.mktemp("ph3d") / "Dataset002_P3D", spatial_dims=3,
+                         num_train=6, num_test=2, shape=(16, 48, 48), seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Factory of run configs small enough for a unit test."""
+    return _tiny_config
+
+
+def _tiny_config(dataset: Path, cache: Path, **train) -> dict:
+    """A run config small enough for a unit test: student UNet, 2D 64x64 patches, no workers."""
+    return {
+        "data": {"dataset": str(dataset), "mode": "2d", "patch_size": [64, 64], "batch_size": 4,
+                 "num_workers": 0, "cache_dir": str(cache)},
+        "model": {"name": "unet", "preset": "student"},
+        "train": {"max_steps": 6, "val_every": 1000, "checkpoint_every": 3, "log_every": 1,
+                  "progress": False, "tensorboard": False, "seed": 3, **train},
+    }

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from medkd.config import build_config
+from medkd.engine.checkpoint import load_checkpoint
+from medkd.engine.trainer import RunDirError, Trainer, train
+
+
+class InterruptAt:
+    """Simulates a killed run: raises right after step ``step`` (its checkpoint is on disk)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, terms):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def _losses(run_dir):
+    with open(run_dir / "train_log.csv") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+def test_loss_decreases_on_tiny_set(phantoms_2d, tmp_path, tiny_config):
+    cfg = build_config(tiny_config(phantoms_2d, tmp_path / "cache", max_steps=40, lr=0.01))
+    result = train(cfg, tmp_path / "run")
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert result.steps == 40
+    for name in ["best.pt", "last.pt", "config.yaml", "result.json", "train_log.csv", "val_log.csv"]:
+        assert (tmp_path / "run" / name).is_file(), name
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["step"] == 40 and ckpt["model_spec"]["preset"] == "student"
+
+
+def test_resume_after_interruption_gives_same_weights(phantoms_2d, tmp_path, tiny_config):
+    cfg = build_config(tiny_config(phantoms_2d, tmp_path / "cache"))
+    train(cfg, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "cut", callbacks=[InterruptAt(4)]).fit()
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 3  # killed after step 4, saved at 3
+    train(None, tmp_path / "cut", resume=True)
+    full = load_checkpoint(tmp_path / "full" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert resumed["step"] == full["step"] == 6
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    assert _losses(tmp_path / "full") == pytest.approx(_losses(tmp_path / "cut")[:3] + _losses(tmp_path / "cut")[4:])
+
+
+def test_never_overwrites_a_run(phantoms_2d, tmp_path, tiny_config):
+    cfg = build_config(tiny_config(phantoms_2d, tmp_path / "cache", max_steps=1))
+    train(cfg, tmp_path / "run")
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(RunDirError, match="already holds a run"):
+        train(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    with pytest.raises(RunDirError, match="cannot resume"):
+        train(None, tmp_path / "nothing", resume=True)
+
+
+def test_checkpoints_load_weights_only_and_rebuild(phantoms_2d, tmp_path, tiny_config):
+    from medkd.models import create_from_spec
+
+    train(build_config(tiny_config(phantoms_2d, tmp_path / "cache", max_steps=2)), tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    model = create_from_spec(ckpt["model_spec"])
+    model.load_state_dict(ckpt["state_dict"])
+    assert ckpt["labels"]["background"] == 0
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_gloo(phantoms_2d, tmp_path):
+    """Two ranks on the CPU (gloo) through Fabric's DDP strategy end with identical weights."""
+    cmd = [sys.executable, "-m", "medkd", "train", "--dataset", str(phantoms_2d), "--model", "unet",
+           "--preset", "student", "--patch-size", "64,64", "--batch-size", "2", "--max-steps", "4",
+           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--run-dir", str(tmp_path / "ddp"),
+           "--set", "train.val_every=1000", "--set", "train.progress=false", "--set", "train.tensorboard=false",
+           "--set", "train.num_threads=1", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--num-workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    assert result["world_size"] == 2
+    assert result["ranks_in_sync"] is True
+    assert result["steps"] == 4
