@@ -20,6 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="medkd: train teachers, distil small students, evaluate and compare them.")
 console = Console()
 err_console = Console(stderr=True)
+if not console.is_terminal:  # logs and pipes: do not squeeze tables into 80 columns
+    console.width = 160
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -40,7 +42,7 @@ def cli_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except _expected_errors() as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -81,7 +83,7 @@ def check_data_cmd(
     problems = check_dataset(dataset, include_test=include_test, progress=True)
     if problems:
         for problem in problems:
-            err_console.print(f"  {problem}", highlight=False)
+            err_console.print(f"  {problem}", highlight=False, soft_wrap=True)
         err_console.print(f"[bold red]{len(problems)} problem(s)[/] in {dataset}")
         raise typer.Exit(1)
     console.print(f"[green]ok[/]: {dataset} passed all checks")

@@ -126,8 +126,9 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.extra_checkpoint = extra_checkpoint or {}
         tcfg = config.train
+        tcfg.precision = resolve_precision(tcfg.precision, tcfg.accelerator)  # the saved config says what ran
         self.fabric = Fabric(accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes,
-                             strategy=tcfg.strategy, precision=resolve_precision(tcfg.precision, tcfg.accelerator))
+                             strategy=tcfg.strategy, precision=tcfg.precision)
 
     # ---------------------------------------------------------------- setup
 
