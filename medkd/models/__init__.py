@@ -23,3 +23,24 @@ __all__ = [
     "register_model",
     "scale_channels",
 ]
+
+# feature taps (forward hooks by module name) and automatic encoder/decoder stage discovery
+from medkd.models.taps import (  # noqa: E402
+    FeatureTaps,
+    TapNotFoundError,
+    discover_stages,
+    format_tappable,
+    inspect_model,
+    list_tappable,
+    stage_channels,
+)
+
+__all__ += [
+    "FeatureTaps",
+    "TapNotFoundError",
+    "discover_stages",
+    "format_tappable",
+    "inspect_model",
+    "list_tappable",
+    "stage_channels",
+]
