@@ -108,9 +108,7 @@ def _default_run_dir(model: str, preset: str) -> Path:
     return Path("runs") / f"{stamp}_{model}_{preset}"
 
 
-@app.command("train")
-@cli_errors
-def train_cmd(
+def _train_options(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (data/model/train sections)")] = None,
     dataset: Annotated[Optional[Path], typer.Option(help="dataset folder (data.dataset)")] = None,
     model: Annotated[Optional[str], typer.Option(help="registry name, see `medkd models`")] = None,
@@ -136,23 +134,33 @@ def train_cmd(
     num_workers: Optional[int] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override any key: train.val_every=100")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="output folder (default runs/<time>_<model>_<preset>)")] = None,
+    data_fraction: Annotated[Optional[float], typer.Option(help="train on a seeded subset of the training cases")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --run-dir from last.pt")] = False,
     verbose: bool = False,
-) -> None:
-    """Train a segmentation network on labels (checks the dataset first)."""
+) -> dict[str, Any]:
+    """The options shared by train and distill (collected, not acted on)."""
+    return dict(locals())
+
+
+def _run_training(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Resolve the config from --config, flags and --set; run it (or resume it) in its run folder."""
     from medkd.config import load_config
     from medkd.engine.trainer import train
 
-    _setup_logging(verbose)
+    o = opts
+    config, dataset, model, preset, shrink, mode = o["config"], o["dataset"], o["model"], o["preset"], o["shrink"], o["mode"]
+    patch_size, devices, run_dir, resume = o["patch_size"], o["devices"], o["run_dir"], o["resume"]
+    _setup_logging(o["verbose"])
     overrides = {
         "data.dataset": str(dataset) if dataset else None, "model.name": model, "model.preset": preset,
-        "model.shrink": shrink, "data.mode": mode, "data.batch_size": batch_size, "data.fold": fold,
+        "model.shrink": shrink, "data.mode": mode, "data.batch_size": o["batch_size"], "data.fold": o["fold"],
         "data.patch_size": [int(v) for v in patch_size.split(",")] if patch_size else None,
-        "data.num_workers": num_workers, "train.loss": loss, "train.optimizer": optimizer, "train.lr": lr,
-        "train.max_steps": max_steps, "train.max_epochs": max_epochs, "train.max_time_min": max_time_min,
-        "train.val_every": val_every, "train.seed": seed, "train.accelerator": accelerator,
-        "train.devices": int(devices) if devices and devices.isdigit() else devices, "train.num_nodes": num_nodes,
-        "train.strategy": strategy, "train.precision": precision, **_parse_set(set_),
+        "data.num_workers": o["num_workers"], "data.data_fraction": o["data_fraction"], "train.loss": o["loss"],
+        "train.optimizer": o["optimizer"], "train.lr": o["lr"], "train.max_steps": o["max_steps"],
+        "train.max_epochs": o["max_epochs"], "train.max_time_min": o["max_time_min"], "train.val_every": o["val_every"],
+        "train.seed": o["seed"], "train.accelerator": o["accelerator"],
+        "train.devices": int(devices) if devices and devices.isdigit() else devices, "train.num_nodes": o["num_nodes"],
+        "train.strategy": o["strategy"], "train.precision": o["precision"], **(extra or {}), **_parse_set(o["set_"]),
     }
     if resume:
         if run_dir is None:
@@ -168,6 +176,111 @@ def train_cmd(
     if result is not None and result.run_dir:
         console.print(f"done: {result.steps} steps in {result.elapsed_s:.0f}s, best val Dice "
                       f"{result.best_metric:.4f} at step {result.best_step}; run folder {result.run_dir}")
+
+
+def _command_with_training_options(func: Callable) -> Callable:
+    """Give ``func`` (whose own parameters come first) every option of ``_train_options`` too.
+
+    ``func`` receives its own arguments plus ``opts``, the dict of the shared options, so train and
+    distill share one option list and one code path.
+    """
+    import inspect
+    import typing
+
+    own = [p for p in inspect.signature(func).parameters.values() if p.name != "opts"]
+    shared = list(inspect.signature(_train_options).parameters.values())
+    hints = {**typing.get_type_hints(_train_options, include_extras=True),
+             **typing.get_type_hints(func, include_extras=True)}
+    hints.pop("opts", None)
+
+    @functools.wraps(func)
+    def command(**kwargs: Any) -> Any:
+        own_args = {p.name: kwargs.pop(p.name) for p in own}
+        return func(**own_args, opts=kwargs)
+
+    params = [p.replace(annotation=hints[p.name]) for p in [*own, *shared]]  # resolved, not strings
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+@app.command("train")
+@cli_errors
+@_command_with_training_options
+def train_cmd(opts: dict[str, Any]) -> None:
+    """Train a segmentation network on labels (checks the dataset first)."""
+    _run_training(opts)
+
+
+@app.command("distill")
+@cli_errors
+@_command_with_training_options
+def distill_cmd(
+    teacher: Annotated[Path, typer.Option(help="teacher checkpoint (frozen; eval mode, no gradients)")],
+    student: Annotated[str, typer.Option(help="student registry name (size via --preset/--shrink; default preset student)")] = "unet",
+    recipe: Annotated[str, typer.Option(help="shipped recipe name (see `medkd recipes`) or a YAML file")] = "logit-kd",
+    opts: dict[str, Any] = None,
+) -> None:
+    """Distil a frozen teacher into a student with a recipe; same data/budget/resume/DDP options as train.
+
+    Data settings (mode, patch size, normalisation...) default to the teacher's; flags override them.
+    """
+    from medkd.engine.checkpoint import load_checkpoint
+    from medkd.recipes import load_recipe
+
+    if opts["resume"]:
+        return _run_training(opts)
+    recipe_spec = load_recipe(recipe)
+    teacher_cfg = load_checkpoint(teacher)["config"]
+    base = {"data": {k: v for k, v in teacher_cfg["data"].items() if k not in ("dataset", "data_fraction")}}
+    extra = {"model.name": student, "model.preset": opts["preset"] or "student",
+             "distill": {"teacher": str(teacher), "recipe": recipe_spec.model_dump(mode="json")}}
+    if recipe_spec.data.data_fraction is not None and opts["data_fraction"] is None:
+        extra["data.data_fraction"] = recipe_spec.data.data_fraction
+    opts = {**opts, "preset": None}
+    _run_training(opts, extra={**{f"data.{k}": v for k, v in base["data"].items()}, **extra})
+
+
+@app.command("recipes")
+def recipes_cmd() -> None:
+    """List the shipped distillation recipes with their terms and weights."""
+    from medkd.recipes import list_recipes, load_recipe
+
+    rows = []
+    for name in list_recipes():
+        r = load_recipe(name)
+        terms = [f"{r.supervised.loss} x{r.supervised.weight:g}"]
+        terms += [f"{t.loss}{'[' + (t.taps or 'custom') + ']' if t.uses_features else ''} x{t.weight:g}"
+                  for t in r.terms.values()]
+        rows.append({"name": name, "terms": " + ".join(terms),
+                     "teacher": "live (features)" if r.needs_teacher_features else "logits only",
+                     "data": f"{r.data.data_fraction:.0%} of cases" if r.data.data_fraction else "all cases",
+                     "paper": r.paper})
+    from medkd.evaluation.report import comparison_table
+
+    console.print(comparison_table(rows, [("name", "recipe", "s"), ("terms", "terms x weight", "s"),
+                                          ("teacher", "teacher outputs", "s"), ("data", "data", "s"),
+                                          ("paper", "paper", "s")], title="medkd distillation recipes"))
+
+
+@app.command("inspect-model")
+@cli_errors
+def inspect_model_cmd(
+    name: Annotated[str, typer.Argument(help="registry name")],
+    dims: Annotated[int, typer.Option(help="2 or 3")] = 2,
+    preset: str = "teacher",
+    in_channels: int = 1,
+    out_channels: int = 4,
+    input_size: Annotated[Optional[int], typer.Option(help="edge of the dummy input")] = None,
+) -> None:
+    """List tappable modules with output shapes, and the encoder/decoder stages found automatically."""
+    from medkd.models.taps import format_tappable, inspect_model
+
+    rows, stages = inspect_model(name, spatial_dims=dims, in_channels=in_channels, out_channels=out_channels,
+                                 preset=preset, input_size=input_size)
+    console.print(format_tappable(rows))
+    for part, names in stages.items():
+        console.print(f"[bold]{part}[/]: {', '.join(names)}")
 
 
 def _input_folder(path: Path, split: str) -> Path:
@@ -258,10 +371,10 @@ def models_cmd(
 @cli_errors
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="parent folder of the demo run")] = Path("demo_runs"),
-    teacher_minutes: Annotated[float, typer.Option(help="training budget of the teacher")] = 1.5,
-    student_minutes: Annotated[float, typer.Option(help="training budget of the student")] = 1.5,
+    teacher_minutes: Annotated[float, typer.Option(help="training budget of the teacher")] = 1.2,
+    student_minutes: Annotated[float, typer.Option(help="budget of each student (labels-only and each recipe)")] = 0.8,
 ) -> None:
-    """Synthetic end-to-end run: phantoms -> teacher and student -> held-out evaluation table."""
+    """Synthetic end-to-end run: phantoms -> teacher, student, distilled students -> held-out evaluation table."""
     from medkd.demo import run_demo
 
     _setup_logging(False)

@@ -121,10 +121,18 @@ class TrainConfig(_Strict):
         return min(budgets) if budgets else None
 
 
+class DistillConfig(_Strict):
+    """Present for distillation runs: the frozen teacher and the fully resolved recipe."""
+
+    teacher: Path = Field(description="checkpoint of the teacher (best.pt of a training run)")
+    recipe: dict[str, Any] = Field(description="resolved recipe (see medkd.recipes), stored for reproducibility")
+
+
 class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_epochs=50))
+    distill: DistillConfig | None = None
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

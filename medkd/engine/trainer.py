@@ -326,11 +326,15 @@ class Trainer:
         return result
 
 
-def train(config: RunConfig, run_dir: str | Path, resume: bool = False, **kwargs: Any) -> TrainResult:
-    """Train ``config`` in ``run_dir`` (a resumed run takes its config from the run folder)."""
+def train(config: RunConfig | None, run_dir: str | Path, resume: bool = False, **kwargs: Any) -> TrainResult:
+    """Train (or, with ``config.distill``, distil) in ``run_dir``; a resumed run reads its config there."""
     if resume:
         from medkd.config import load_config
 
         prepare_run_dir(Path(run_dir), resume=True)
         config = load_config(Path(run_dir) / "config.yaml")
+    if config.distill is not None and "task_factory" not in kwargs:
+        from medkd.engine.distill import distill_task_factory
+
+        kwargs["task_factory"] = distill_task_factory(config)
     return Trainer(config, run_dir, resume=resume, **kwargs).fit()

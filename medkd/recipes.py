@@ -1,0 +1,121 @@
+"""Distillation recipes: a named, validated weighted sum of loss terms, shipped as plain YAML.
+
+A recipe file (``recipes/*.yaml``) looks like::
+
+    name: logit-kd
+    paper: Hinton et al., "Distilling the Knowledge in a Neural Network", 2015
+    description: supervised Dice+CE plus temperature-softened KL to the teacher
+    supervised: {loss: dice_ce, weight: 1.0}
+    terms:
+      kl: {loss: kl, weight: 0.5, options: {temperature: 4.0}}
+    data: {data_fraction: 1.0}          # optional data overrides (e.g. 0.5 for the contrastive paper)
+
+``terms.<name>.loss`` is a name from :mod:`medkd.losses.distill_registry`; feature terms also say
+which stages they tap (``taps: encoder | decoder | bottleneck | encoder+decoder`` resolved per model
+by automatic stage discovery, or explicit ``student_taps`` / ``teacher_taps`` module names, paired
+in order). Options are passed to the loss class unchanged, so every choice the paper leaves open is
+an option there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medkd.config import ConfigError, _format_validation_error
+
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
+StageSelector = Literal["encoder", "decoder", "bottleneck", "encoder+decoder", "encoder+bottleneck"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SupervisedTerm(_Strict):
+    loss: Literal["dice_ce", "dice_lovasz", "ce", "dice", "lovasz"] = "dice_ce"
+    weight: float = Field(1.0, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DistillTerm(_Strict):
+    loss: str
+    weight: float = Field(ge=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+    taps: StageSelector | None = None
+    student_taps: list[str] | None = None
+    teacher_taps: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _taps_consistent(self) -> "DistillTerm":
+        explicit = (self.student_taps is None, self.teacher_taps is None)
+        if explicit[0] != explicit[1]:
+            raise ValueError("student_taps and teacher_taps must be given together")
+        if self.student_taps is not None and len(self.student_taps) != len(self.teacher_taps):
+            raise ValueError(f"{len(self.student_taps)} student_taps but {len(self.teacher_taps)} teacher_taps")
+        if self.taps is not None and self.student_taps is not None:
+            raise ValueError("give either taps (a stage selector) or explicit student_taps/teacher_taps")
+        return self
+
+    @property
+    def uses_features(self) -> bool:
+        return self.taps is not None or self.student_taps is not None
+
+
+class RecipeData(_Strict):
+    data_fraction: float | None = Field(None, gt=0, le=1)
+
+
+class Recipe(_Strict):
+    name: str
+    paper: str
+    description: str = ""
+    supervised: SupervisedTerm = Field(default_factory=SupervisedTerm)
+    terms: dict[str, DistillTerm] = Field(default_factory=dict)
+    data: RecipeData = Field(default_factory=RecipeData)
+
+    @model_validator(mode="after")
+    def _known_losses(self) -> "Recipe":
+        from medkd.losses.distill_registry import DISTILL_LOSSES
+
+        for name, term in self.terms.items():
+            if term.loss not in DISTILL_LOSSES:
+                raise ValueError(f"terms.{name}.loss: unknown loss {term.loss!r}; known: {', '.join(sorted(DISTILL_LOSSES))}")
+            needs = getattr(DISTILL_LOSSES[term.loss], "inputs", "logits")
+            if needs.startswith("features") and not term.uses_features:
+                raise ValueError(f"terms.{name}: loss {term.loss!r} needs feature taps (taps: encoder|decoder|...)")
+        return self
+
+    @property
+    def needs_teacher_features(self) -> bool:
+        return any(term.uses_features for term in self.terms.values())
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A shipped recipe by name (``medkd recipes`` lists them) or a YAML file; errors name the file and key."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown recipe {name_or_path!r}; shipped recipes: {', '.join(list_recipes())}")
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+    return recipe_from_dict(tree, source=str(path))
+
+
+def recipe_from_dict(tree: Any, source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
