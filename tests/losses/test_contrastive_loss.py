@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medkd.losses.contrastive import SupervisedInfoNCELoss
+from reference_ops import nearest_label, resize_linear, two_scale_features
 
 
 def _setup(spatial_dims, seed, num_classes=3):
@@ -18,35 +19,8 @@ def _setup(spatial_dims, seed, num_classes=3):
     full = (4, 6) if spatial_dims == 2 else (2, 4, 6)
     half = tuple(max(n // 2, 1) for n in full)
     label = torch.randint(0, num_classes, (2, 1, *full), generator=gen)
-    student = [torch.randn(2, 3, *half, generator=gen, dtype=torch.float64),
-               torch.randn(2, 4, *half, generator=gen, dtype=torch.float64)]
-    teacher = [torch.randn(2, 5, *full, generator=gen, dtype=torch.float64),
-               torch.randn(2, 4, *half, generator=gen, dtype=torch.float64)]
+    student, teacher = two_scale_features(gen, full, half)
     return student, teacher, label
-
-
-def _resize_lin(x: np.ndarray, size) -> np.ndarray:
-    """Separable linear resize of (K, *spatial), align_corners=False source coordinates."""
-    for axis, out in enumerate(size):
-        n = x.shape[axis + 1]
-        if n == out:
-            continue
-        moved = np.moveaxis(x, axis + 1, 0)
-        res = np.zeros((out, *moved.shape[1:]))
-        for i in range(out):
-            src = max((i + 0.5) * n / out - 0.5, 0.0)
-            i0 = min(int(math.floor(src)), n - 1)
-            i1 = min(i0 + 1, n - 1)
-            res[i] = (1 - (src - i0)) * moved[i0] + (src - i0) * moved[i1]
-        x = np.moveaxis(res, 0, axis + 1)
-    return x
-
-
-def _nearest_label_ref(label: np.ndarray, size) -> np.ndarray:
-    out = np.zeros(size, dtype=np.int64)
-    for pos in np.ndindex(*size):
-        out[pos] = label[tuple(int(math.floor(i * a / b)) for i, a, b in zip(pos, label.shape, size))]
-    return out
 
 
 def _head_ref(head, vec: np.ndarray) -> np.ndarray:
@@ -69,10 +43,10 @@ def _reference(loss, student, teacher, label, indices):
         for flat in indices[s_idx].tolist():
             b, v = divmod(flat, voxels)
             pos = np.unravel_index(v, size)
-            s_map = _resize_lin(s[b].detach().numpy(), size)
+            s_map = resize_linear(s[b].detach().numpy(), size)
             anchors.append(_head_ref(loss.student_heads[s_idx], s_map[(slice(None), *pos)]))
             keys.append(_head_ref(loss.teacher_heads[s_idx], t[b].detach().numpy()[(slice(None), *pos)]))
-            classes.append(_nearest_label_ref(label[b, 0].numpy(), size)[pos])
+            classes.append(nearest_label(label[b, 0].numpy(), size)[pos])
         per_anchor = []
         for i in range(len(anchors)):
             logits = [float(np.dot(anchors[i], k)) / loss.temperature for k in keys]

@@ -9,43 +9,9 @@ import pytest
 import torch
 
 from medkd.losses.features import AttentionTransferLoss, FeatureDistillationLoss, PairwiseSKDLoss
+from reference_ops import adapt_conv1x1, resize_linear, upsample2
 
 # ----------------------------------------------------------------------------- reference helpers
-
-
-def _linear_1d(values: np.ndarray, axis: int, out: int) -> np.ndarray:
-    """Linear resampling along ``axis`` with PyTorch's align_corners=False source coordinates."""
-    size = values.shape[axis]
-    moved = np.moveaxis(values, axis, 0)
-    result = np.zeros((out, *moved.shape[1:]))
-    for i in range(out):
-        src = max((i + 0.5) * size / out - 0.5, 0.0)
-        i0 = min(int(math.floor(src)), size - 1)
-        i1 = min(i0 + 1, size - 1)
-        lam = src - i0
-        result[i] = (1 - lam) * moved[i0] + lam * moved[i1]
-    return np.moveaxis(result, 0, axis)
-
-
-def _resize_ref(x: np.ndarray, size) -> np.ndarray:
-    """Separable (bi/tri)linear resize of ``(K, *spatial)``."""
-    for axis, out in enumerate(size):
-        if x.shape[axis + 1] != out:
-            x = _linear_1d(x, axis + 1, out)
-    return x
-
-
-def _adapt_ref(feat: np.ndarray, conv) -> np.ndarray:
-    """Apply a 1x1 conv voxel by voxel to ``(K, *spatial)``; ``conv`` None means identity."""
-    if conv is None:
-        return feat
-    w = conv.weight.detach().double().numpy().reshape(conv.out_channels, conv.in_channels)
-    b = conv.bias.detach().double().numpy()
-    out = np.zeros((conv.out_channels, *feat.shape[1:]))
-    for pos in np.ndindex(*feat.shape[1:]):
-        for o in range(conv.out_channels):
-            out[(o, *pos)] = b[o] + sum(w[o, k] * feat[(k, *pos)] for k in range(conv.in_channels))
-    return out
 
 
 def _unit_channels(x: np.ndarray) -> np.ndarray:
@@ -54,12 +20,6 @@ def _unit_channels(x: np.ndarray) -> np.ndarray:
         vec = x[(slice(None), *pos)]
         out[(slice(None), *pos)] = vec / max(np.sqrt((vec**2).sum()), 1e-12)
     return out
-
-
-def _upsample(x: torch.Tensor) -> torch.Tensor:
-    for axis in range(2, x.ndim):
-        x = x.repeat_interleave(2, dim=axis)
-    return x
 
 
 def _feats(spatial, channels, seed, batch=2):
@@ -85,7 +45,7 @@ def _feature_reference(loss, student, teacher):
         conv = loss.adapters[s_idx] if hasattr(loss.adapters[s_idx], "weight") else None
         values = []
         for b in range(s.shape[0]):
-            g = _resize_ref(_adapt_ref(s[b].detach().numpy(), conv), t.shape[2:])
+            g = resize_linear(adapt_conv1x1(s[b].detach().numpy(), conv), t.shape[2:])
             tb = t[b].detach().numpy()
             if loss.mode == "normalized_l2":
                 g, tb = _unit_channels(g), _unit_channels(tb)
@@ -113,7 +73,7 @@ def test_feature_loss_invariances_zero_and_grads(spatial_dims):
     value = loss(student, teacher).item()
     doubled = loss([torch.cat([f, f]) for f in student], [torch.cat([f, f]) for f in teacher]).item()
     assert doubled == pytest.approx(value, rel=1e-10)
-    upsampled = loss([_upsample(f) for f in student], [_upsample(f) for f in teacher]).item()
+    upsampled = loss([upsample2(f) for f in student], [upsample2(f) for f in teacher]).item()
     assert upsampled == pytest.approx(value, rel=1e-10)
     # zero when the adapted student equals the teacher
     equal_teacher = [loss.adapters[0](student[0]).detach(), student[1].clone()]
@@ -157,7 +117,7 @@ def _attention_reference(student, teacher, p, weights, reduction):
                 att = np.zeros((1, *feat.shape[1:]))
                 for pos in np.ndindex(*feat.shape[1:]):
                     att[(0, *pos)] = np.mean([abs(feat[(k, *pos)]) ** p for k in range(feat.shape[0])])
-                att = _resize_ref(att, size).ravel()
+                att = resize_linear(att, size).ravel()
                 maps.append(att / np.sqrt((att**2).sum()))
             per_image.append((maps[0] - maps[1]) ** 2)
         sq = np.stack(per_image)
@@ -183,7 +143,7 @@ def test_attention_normalisation_zero_and_grads(spatial_dims):
         doubled = loss([torch.cat([f, f]) for f in student], [torch.cat([f, f]) for f in teacher]).item()
         assert doubled == pytest.approx(value, rel=1e-10)
         # "mean" averages over N positions of a unit vector: nearest upsampling divides it by 2^d
-        upsampled = loss([_upsample(f) for f in student], [_upsample(f) for f in teacher]).item()
+        upsampled = loss([upsample2(f) for f in student], [upsample2(f) for f in teacher]).item()
         assert upsampled == pytest.approx(value / factor, rel=1e-10)
     loss = AttentionTransferLoss()
     assert loss(teacher, [2.0 * f for f in teacher]).item() == pytest.approx(0.0, abs=1e-20)  # channel/scale-free
@@ -214,7 +174,7 @@ def _skd_reference(student, teacher, pool, weights):
         values = []
         for b in range(s.shape[0]):
             sims = []
-            for feat in (_resize_ref(s[b].detach().numpy(), t.shape[2:]), t[b].detach().numpy()):
+            for feat in (resize_linear(s[b].detach().numpy(), t.shape[2:]), t[b].detach().numpy()):
                 unit = _unit_channels(_maxpool_ref(feat, pool)).reshape(feat.shape[0], -1)
                 n = unit.shape[1]
                 sims.append([[float(np.dot(unit[:, i], unit[:, j])) for j in range(n)] for i in range(n)])
@@ -242,7 +202,7 @@ def test_skd_normalisation_zero_and_grads(spatial_dims):
     assert doubled == pytest.approx(value, rel=1e-10)
     # the mean over position pairs is unchanged when positions are repeated (pool=1: no pooling)
     flat = PairwiseSKDLoss(pool=1)
-    up = flat([_upsample(f) for f in student], [_upsample(f) for f in teacher]).item()
+    up = flat([upsample2(f) for f in student], [upsample2(f) for f in teacher]).item()
     assert up == pytest.approx(flat(student, teacher).item(), rel=1e-10)
     assert loss(teacher, [3.0 * f for f in teacher]).item() == pytest.approx(0.0, abs=1e-20)
     student = [f.requires_grad_() for f in student]

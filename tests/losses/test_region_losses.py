@@ -9,19 +9,11 @@ import pytest
 import torch
 
 from medkd.losses.regions import MSCALoss, MSSARDLoss, RegionAffinityLoss
+from reference_ops import adapt_conv1x1, nearest_label, resize_linear, two_scale_features, upsample2
 
 EPS = 1e-6
 
 # ----------------------------------------------------------------------------- reference helpers
-
-
-def _nearest_label_ref(label: np.ndarray, size) -> np.ndarray:
-    """``label (*spatial)`` -> ``size`` with source index floor(i * in / out)."""
-    out = np.zeros(size, dtype=np.int64)
-    for pos in np.ndindex(*size):
-        src = tuple(int(math.floor(i * n_in / n_out)) for i, n_in, n_out in zip(pos, label.shape, size))
-        out[pos] = label[src]
-    return out
 
 
 def _area_fraction_ref(label: np.ndarray, c: int, size) -> np.ndarray:
@@ -48,26 +40,8 @@ def _avg_pool_ref(x: np.ndarray, size) -> np.ndarray:
     return out
 
 
-def _adapt_ref(feat: np.ndarray, conv) -> np.ndarray:
-    if not hasattr(conv, "weight"):
-        return feat
-    w = conv.weight.detach().double().numpy().reshape(conv.out_channels, conv.in_channels)
-    b = conv.bias.detach().double().numpy()
-    out = np.zeros((conv.out_channels, *feat.shape[1:]))
-    for pos in np.ndindex(*feat.shape[1:]):
-        for o in range(conv.out_channels):
-            out[(o, *pos)] = b[o] + sum(w[o, k] * feat[(k, *pos)] for k in range(conv.in_channels))
-    return out
-
-
 def _cos(u: np.ndarray, v: np.ndarray) -> float:
     return float(np.dot(u, v) / max(np.linalg.norm(u), 1e-12) / max(np.linalg.norm(v), 1e-12))
-
-
-def _upsample(x: torch.Tensor, axes_from: int = 2) -> torch.Tensor:
-    for axis in range(axes_from, x.ndim):
-        x = x.repeat_interleave(2, dim=axis)
-    return x
 
 
 def _setup(spatial_dims, seed, num_classes=4, blocky=False):
@@ -82,31 +56,11 @@ def _setup(spatial_dims, seed, num_classes=4, blocky=False):
             label = label.repeat_interleave(2, dim=axis)
     else:
         label = torch.randint(0, num_classes - 1, (2, 1, *full), generator=gen)  # last class absent
-    student = [torch.randn(2, 3, *half, generator=gen, dtype=torch.float64),
-               torch.randn(2, 4, *half, generator=gen, dtype=torch.float64)]
-    teacher = [torch.randn(2, 5, *full, generator=gen, dtype=torch.float64),
-               torch.randn(2, 4, *half, generator=gen, dtype=torch.float64)]
+    student, teacher = two_scale_features(gen, full, half)
     return student, teacher, label
 
 
 # ----------------------------------------------------------------------------- MS-SARD
-
-
-def _resize_lin(x: np.ndarray, size) -> np.ndarray:
-    """Separable linear resize with align_corners=False source coordinates (reference)."""
-    for axis, out in enumerate(size):
-        n = x.shape[axis + 1]
-        if n == out:
-            continue
-        moved = np.moveaxis(x, axis + 1, 0)
-        res = np.zeros((out, *moved.shape[1:]))
-        for i in range(out):
-            src = max((i + 0.5) * n / out - 0.5, 0.0)
-            i0 = min(int(math.floor(src)), n - 1)
-            i1 = min(i0 + 1, n - 1)
-            res[i] = (1 - (src - i0)) * moved[i0] + (src - i0) * moved[i1]
-        x = np.moveaxis(res, 0, axis + 1)
-    return x
 
 
 def _sard_reference(loss, student, teacher, label):
@@ -119,11 +73,11 @@ def _sard_reference(loss, student, teacher, label):
         act_in = np.zeros(loss.num_classes)
         per_voxel = []  # (b, pos, error, activation)
         for b in range(s.shape[0]):
-            g = _resize_lin(_adapt_ref(s[b].detach().numpy(), loss.adapters[s_idx]), size)
+            g = resize_linear(adapt_conv1x1(s[b].detach().numpy(), loss.adapters[s_idx]), size)
             tb = t[b].detach().numpy()
             lab = label[b, 0].numpy()
             if loss.mask_mode == "nearest":
-                small = _nearest_label_ref(lab, size)
+                small = nearest_label(lab, size)
                 masks = [(small == c).astype(float) for c in range(loss.num_classes)]
             else:
                 masks = [_area_fraction_ref(lab, c, size) for c in range(loss.num_classes)]
@@ -163,11 +117,11 @@ def test_ms_sard_invariances_zero_and_grads(spatial_dims, mask_mode):
     torch.manual_seed(0)
     loss = MSSARDLoss([3, 4], [5, 4], spatial_dims, num_classes=4, mask_mode=mask_mode).double()
     student, teacher, label = _setup(spatial_dims, seed=5, blocky=True)
-    student = [_upsample(student[0]), student[1]]  # same grid as the teacher: exact upsampling invariance
+    student = [upsample2(student[0]), student[1]]  # same grid as the teacher: exact upsampling invariance
     value = loss(student, teacher, label).item()
     doubled = loss([torch.cat([f, f]) for f in student], [torch.cat([f, f]) for f in teacher], torch.cat([label, label]))
     assert doubled.item() == pytest.approx(value, rel=1e-6)  # eps aside, sums double on both sides
-    up = loss([_upsample(f) for f in student], [_upsample(f) for f in teacher], _upsample(label))
+    up = loss([upsample2(f) for f in student], [upsample2(f) for f in teacher], upsample2(label))
     assert up.item() == pytest.approx(value, rel=1e-6)
     equal = [loss.adapters[0](student[0]).detach(), student[1].clone()]
     assert loss(student, equal, label).item() == pytest.approx(0.0, abs=1e-20)
@@ -232,7 +186,7 @@ def test_ms_ca_invariances_zero_and_grads(spatial_dims):
     assert 0 < value <= 4
     assert loss([torch.cat([f, f]) for f in student], [torch.cat([f, f]) for f in teacher]).item() == pytest.approx(
         value, rel=1e-10)
-    up = loss([_upsample(f) for f in student], [_upsample(f) for f in teacher]).item()
+    up = loss([upsample2(f) for f in student], [upsample2(f) for f in teacher]).item()
     assert up == pytest.approx(value, rel=1e-10)  # pooled to a fixed grid that divides the input
     assert loss(teacher, [2.0 * f for f in teacher]).item() == pytest.approx(0.0, abs=1e-20)
     student = [f.requires_grad_() for f in student]
@@ -255,7 +209,7 @@ def _affinity_reference(student, teacher, label, num_classes, weights):
         for b in range(s.shape[0]):
             means, presents = [], []
             for feat in (s[b].detach().numpy(), t[b].detach().numpy()):
-                small = _nearest_label_ref(label[b, 0].numpy(), feat.shape[1:])
+                small = nearest_label(label[b, 0].numpy(), feat.shape[1:])
                 r, present = {}, set()
                 for c in range(num_classes):
                     vecs = [feat[(slice(None), *pos)] for pos in np.ndindex(*small.shape) if small[pos] == c]
@@ -291,7 +245,7 @@ def test_region_affinity_invariances_zero_and_grads(spatial_dims):
     assert value > 0
     doubled = loss([torch.cat([f, f]) for f in student], [torch.cat([f, f]) for f in teacher], torch.cat([label, label]))
     assert doubled.item() == pytest.approx(value, rel=1e-10)
-    up = loss([_upsample(f) for f in student], [_upsample(f) for f in teacher], _upsample(label))
+    up = loss([upsample2(f) for f in student], [upsample2(f) for f in teacher], upsample2(label))
     assert up.item() == pytest.approx(value, rel=1e-10)
     assert loss([2.0 * f for f in teacher], teacher, label).item() == pytest.approx(0.0, abs=1e-20)
     assert loss(student, teacher, torch.zeros_like(label)).item() == 0.0  # one class only: nothing to compare
