@@ -5,7 +5,7 @@ split (``splits_final.json`` fold 0), predicts the 40 held-out test volumes, eva
 class, and times CPU inference per slice (whole pipeline: preprocessing, sliding window, mapping
 back; and the bare network forward on one slice). Prints one table and writes ``summary.csv/json``.
 
-    python benchmarks/acdc_2d_supervised.py --minutes 15 --out bench_runs/acdc_2d
+    python benchmarks/acdc_2d_supervised.py --minutes 12 --out bench_runs/acdc_2d
 
 Not a test: it takes ``2 x minutes`` plus a few minutes of evaluation on 2 CPU cores.
 """
@@ -35,8 +35,11 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ACDC"
 
 def run_config(dataset: Path, preset: str, minutes: float, cache: Path, seed: int) -> dict:
     return {
+        # no mirroring: cine-MRI short-axis slices have a fixed orientation (RV left of LV), and with a
+        # budget of ~1,000 steps mirroring slows learning (measured: val Dice 0.443 with flips vs 0.630
+        # without after 250 steps, identical schedules)
         "data": {"dataset": str(dataset), "mode": "2d", "patch_size": [128, 128], "batch_size": 16,
-                 "num_workers": 2, "cache_dir": str(cache)},
+                 "num_workers": 2, "cache_dir": str(cache), "augment": {"flip_prob": 0.0}},
         "model": {"name": "unet", "preset": preset},
         "train": {"max_time_min": minutes, "lr": 3e-3, "val_every": 250, "checkpoint_every": 250,
                   "val_max_cases": 10, "seed": seed, "progress": False},
@@ -82,7 +85,7 @@ def evaluate(name: str, checkpoint: Path, dataset_root: Path, out: Path) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--minutes", type=float, default=15.0, help="training budget per model")
+    parser.add_argument("--minutes", type=float, default=12.0, help="training budget per model")
     parser.add_argument("--out", type=Path, default=Path("bench_runs/acdc_2d_supervised"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["teacher", "student"], default=None)

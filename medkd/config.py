@@ -31,7 +31,8 @@ class AugmentConfig(_Strict):
     """MONAI augmentations applied on the fly to training patches (probabilities per sample)."""
 
     enabled: bool = True
-    flip_prob: float = Field(0.5, ge=0, le=1, description="per spatial axis")
+    flip_prob: float = Field(0.5, ge=0, le=1, description="per spatial axis (nnU-Net mirrors; consider 0 for "
+                             "short budgets on data with a fixed anatomical orientation)")
     rotate_prob: float = Field(0.2, ge=0, le=1)
     rotate_deg: float = Field(15.0, ge=0, le=180)
     scale_prob: float = Field(0.2, ge=0, le=1)

@@ -94,3 +94,13 @@ def test_ddp_two_cpu_processes_gloo(phantoms_2d, tmp_path):
     assert result["world_size"] == 2
     assert result["ranks_in_sync"] is True
     assert result["steps"] == 4
+
+
+@pytest.mark.parametrize("model,deep_supervision", [("unet", False), ("dynunet", True)])
+def test_3d_patch_training(phantoms_3d, tmp_path, tiny_config, model, deep_supervision):
+    tree = tiny_config(phantoms_3d, tmp_path / "cache", max_steps=2)
+    tree["data"].update({"mode": "3d", "patch_size": [16, 32, 32], "batch_size": 2})
+    tree["model"].update({"name": model, "deep_supervision": deep_supervision})
+    result = train(build_config(tree), tmp_path / "run")
+    assert result.steps == 2 and len(result.last_val) == 4
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["preprocessing"]["plan"]["mode"] == "3d"
