@@ -160,8 +160,10 @@ def _run_training(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> 
         "train.max_epochs": o["max_epochs"], "train.max_time_min": o["max_time_min"], "train.val_every": o["val_every"],
         "train.seed": o["seed"], "train.accelerator": o["accelerator"],
         "train.devices": int(devices) if devices and devices.isdigit() else devices, "train.num_nodes": o["num_nodes"],
-        "train.strategy": o["strategy"], "train.precision": o["precision"], **(extra or {}), **_parse_set(o["set_"]),
+        "train.strategy": o["strategy"], "train.precision": o["precision"],
     }
+    # precedence: --set > flags > defaults passed by the command (e.g. the teacher's data settings)
+    overrides = {**(extra or {}), **{k: v for k, v in overrides.items() if v is not None}, **_parse_set(o["set_"])}
     if resume:
         if run_dir is None:
             raise ValueError("--resume needs --run-dir (the folder of the run to continue)")
@@ -223,7 +225,8 @@ def distill_cmd(
 ) -> None:
     """Distil a frozen teacher into a student with a recipe; same data/budget/resume/DDP options as train.
 
-    Data settings (mode, patch size, normalisation...) default to the teacher's; flags override them.
+    Without --config, data settings (dataset, mode, patch size, normalisation...) default to the
+    teacher's run; flags and --set override them.
     """
     from medkd.engine.checkpoint import load_checkpoint
     from medkd.recipes import load_recipe
@@ -232,7 +235,8 @@ def distill_cmd(
         return _run_training(opts)
     recipe_spec = load_recipe(recipe)
     teacher_cfg = load_checkpoint(teacher)["config"]
-    base = {"data": {k: v for k, v in teacher_cfg["data"].items() if k not in ("dataset", "data_fraction")}}
+    # without --config, data settings come from the teacher's run; a --config file takes their place
+    base = {"data": {} if opts["config"] else {k: v for k, v in teacher_cfg["data"].items() if k != "data_fraction"}}
     extra = {"model.name": student, "model.preset": opts["preset"] or "student",
              "distill": {"teacher": str(teacher), "recipe": recipe_spec.model_dump(mode="json")}}
     if recipe_spec.data.data_fraction is not None and opts["data_fraction"] is None:

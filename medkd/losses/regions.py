@@ -56,6 +56,11 @@ class MSSARDLoss(nn.Module):
     much as a large one. ``loss = sum_s w_s * mean_{c present} E_c^s`` where a class is present at
     a scale when ``sum M_c^s > 0`` (a scale with no present class adds 0).
 
+    ``normalize=True`` (our option; the paper is silent) compares directions instead of raw
+    activations: ``e = ||F_t/|F_t| - a(F_s)/|a(F_s)|||^2`` summed over channels, in ``[0, 4]``, so
+    the term's size no longer depends on the teacher's activation scale (raw errors of a trained
+    teacher can exceed the supervised loss by an order of magnitude).
+
     ``activation_weighting=True`` multiplies ``e`` by the teacher's channel-mean ``|F_t|``
     divided by its mean inside ``M_c^s`` (so the weight averages 1 over the region and ``E_c``
     keeps its scale, but voxels where the teacher responds strongly count more).
@@ -65,6 +70,7 @@ class MSSARDLoss(nn.Module):
         num_classes: label classes ``C`` (labels must lie in ``[0, C)``).
         weights: per-scale weights. mask_mode: ``"nearest"`` or ``"area"``.
         include_background: include class 0 in the class mean. eps: stabiliser.
+        normalize: L2-normalise both features along channels first (see above).
 
     Shapes: feature sequences, label ``(B, 1, *spatial)`` or ``(B, *spatial)`` -> scalar; zero
     when ``adapter(F_s)`` equals ``F_t``.
@@ -83,8 +89,10 @@ class MSSARDLoss(nn.Module):
         activation_weighting: bool = False,
         include_background: bool = True,
         eps: float = 1e-6,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
+        self.normalize = bool(normalize)
         if mask_mode not in ("nearest", "area"):
             raise ValueError(f"mask_mode must be 'nearest' or 'area', got {mask_mode!r}.")
         if int(num_classes) < 1 or (not include_background and int(num_classes) < 2):
@@ -121,7 +129,11 @@ class MSSARDLoss(nn.Module):
         total = student[0].new_zeros(())
         for adapter, w, s, t in zip(self.adapters, self.weights, student, teacher, strict=True):
             t = t.detach()
-            error = (t - resize_to(adapter(s), t.shape[2:])).pow(2).mean(dim=1, keepdim=True)
+            s = resize_to(adapter(s), t.shape[2:])
+            if self.normalize:
+                error = (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(dim=1, keepdim=True)
+            else:
+                error = (t - s).pow(2).mean(dim=1, keepdim=True)
             masks = one_hot_masks(label, self.num_classes, t.shape[2:], self.mask_mode).to(error.dtype)
             per_class = self.region_errors(error, masks, t)[first:]
             present = masks.flatten(2).sum(dim=(0, 2))[first:] > 0

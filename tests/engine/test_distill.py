@@ -119,3 +119,18 @@ def test_distill_loss_decreases(phantoms_2d, tmp_path, tiny_config):
     with open(tmp_path / "student" / "train_log.csv") as handle:
         losses = [float(r["loss"]) for r in csv.DictReader(handle)]
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+
+
+def test_distill_takes_teacher_data_settings_and_flags_win(phantoms_2d, tmp_path, tiny_config):
+    train(build_config(tiny_config(phantoms_2d, tmp_path / "cache", max_steps=1)), tmp_path / "teacher")
+    from medkd.cli import app
+
+    args = ["distill", "--teacher", str(tmp_path / "teacher" / "best.pt"), "--max-steps", "1",
+            "--patch-size", "32,32", "--set", "train.progress=false", "--run-dir", str(tmp_path / "s")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cfg = load_checkpoint(tmp_path / "s" / "last.pt")["config"]
+    assert cfg["data"]["dataset"] == str(phantoms_2d)  # from the teacher's run
+    assert cfg["data"]["batch_size"] == 4 and cfg["data"]["num_workers"] == 0  # teacher's settings
+    assert cfg["data"]["patch_size"] == [32, 32]  # the flag wins
+    assert cfg["model"]["preset"] == "student"

@@ -255,3 +255,19 @@ def test_region_affinity_invariances_zero_and_grads(spatial_dims):
     assert all(t.grad is None for t in teacher) and all(s.grad.abs().sum() > 0 for s in student)
     with pytest.raises(ValueError, match="num_classes"):
         RegionAffinityLoss(num_classes=1)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_ms_sard_normalize_equals_raw_loss_on_unit_features_times_channels(spatial_dims):
+    gen = torch.Generator().manual_seed(7)
+    full = (6, 8) if spatial_dims == 2 else (4, 6, 8)
+    label = torch.randint(0, 3, (2, 1, *full), generator=gen)
+    student = [torch.randn(2, 5, *full, generator=gen, dtype=torch.float64)]
+    teacher = [torch.randn(2, 5, *full, generator=gen, dtype=torch.float64)]
+    normalized = MSSARDLoss([5], [5], spatial_dims, num_classes=3, normalize=True).double()
+    raw = MSSARDLoss([5], [5], spatial_dims, num_classes=3).double()
+    unit = [torch.nn.functional.normalize(f, dim=1) for f in (student[0], teacher[0])]
+    expected = 5 * raw([unit[0]], [unit[1]], label)
+    torch.testing.assert_close(normalized(student, teacher, label), expected)
+    assert float(normalized(teacher, teacher, label)) == 0.0
+    assert 0.0 <= float(normalized(student, teacher, label)) <= 4.0
