@@ -98,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.data / "dataset.json").is_file():
         raise SystemExit(f"ACDC not found at {args.data} (expected nnU-Net raw format with dataset.json)")
-    console = Console()
+    console = Console(width=200)
     torch.set_num_threads(2)
     rows = []
     for preset in ["teacher", "student"] if args.only is None else [args.only]:

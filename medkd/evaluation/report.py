@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from rich.table import Table
+from rich.markup import escape
 
 __all__ = ["MISSING", "comparison_table", "format_value", "write_csv", "write_json"]
 
@@ -61,7 +62,8 @@ def comparison_table(rows: list[dict], columns: list[tuple[str, str, str]], titl
     for _key, header, spec in columns:
         table.add_column(header, justify="left" if spec in _TEXT_SPECS else "right")
     for row in rows:
-        table.add_row(*(format_value(row.get(key), spec, key) for key, _header, spec in columns))
+        # cells are plain text: "[encoder]" or a case id in brackets must not be read as rich markup
+        table.add_row(*(escape(format_value(row.get(key), spec, key)) for key, _header, spec in columns))
     return table
 
 

@@ -73,3 +73,10 @@ def test_write_csv_fieldnames_and_overwrite(tmp_path: Path) -> None:
 def test_write_json_is_strict(tmp_path: Path) -> None:
     path = write_json({"a": math.nan, "b": [1.5, math.inf]}, tmp_path / "x.json")
     assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None]}
+
+
+def test_comparison_table_shows_brackets_literally() -> None:
+    table = comparison_table([{"name": "feature[encoder]", "case": "[bold]x"}],
+                             [("name", "name", "s"), ("case", "case", "s")], title="t")
+    text = _render(table)
+    assert "feature[encoder]" in text and "[bold]x" in text
