@@ -22,10 +22,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from medkd.config import ConfigError, _format_validation_error
+from medkd.config import ConfigError, format_validation_error, load_yaml
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
 StageSelector = Literal["encoder", "decoder", "bottleneck", "encoder+decoder", "encoder+bottleneck"]
@@ -105,17 +104,11 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         path = RECIPE_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown recipe {name_or_path!r}; shipped recipes: {', '.join(list_recipes())}")
-    if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
-    return recipe_from_dict(tree, source=str(path))
+    return recipe_from_dict(load_yaml(path, what="recipe file"), source=str(path))
 
 
 def recipe_from_dict(tree: Any, source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
