@@ -32,7 +32,7 @@ from monai.transforms import Resize
 
 from medkd.data.dataset import Case, DatasetInfo, read_case
 from medkd.data.io import Geometry
-from medkd.engine.checkpoint import atomic_write_bytes, atomic_write_text
+from medkd.engine.checkpoint import atomic_write_numpy, atomic_write_text
 
 PLAN_VERSION = 1
 MAX_LOCATIONS_PER_CLASS = 10_000
@@ -262,33 +262,28 @@ def _source_fingerprint(case: Case) -> list[list[Any]]:
     return out
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array))
-    atomic_write_bytes(path, buffer.getvalue())
+def case_files(folder: Path, case_id: str) -> dict[str, Path]:
+    """Where one preprocessed case lives: image, label, class locations and the JSON sidecar."""
+    return {"image": folder / f"{case_id}_img.npy", "label": folder / f"{case_id}_seg.npy",
+            "locations": folder / f"{case_id}_loc.npz", "sidecar": folder / f"{case_id}.json"}
 
 
 def _preprocess_and_store(args: tuple[Case, DatasetInfo, PreprocessingPlan, Path]) -> dict[str, Any]:
     case, dataset, plan, folder = args
     torch.set_num_threads(1)
+    files = case_files(folder, case.case_id)
     image, label, geometry = read_case(case, dataset)
     image_pp, label_pp, props = preprocess_arrays(image, label, geometry, plan)
     props["case_id"] = case.case_id
     props["metadata"] = dict(case.metadata)
     props["source"] = _source_fingerprint(case)
-    _save_npy(folder / f"{case.case_id}_img.npy", image_pp)
+    atomic_write_numpy(files["image"], np.save, np.ascontiguousarray(image_pp))
     if label_pp is not None:
-        _save_npy(folder / f"{case.case_id}_seg.npy", label_pp)
+        atomic_write_numpy(files["label"], np.save, np.ascontiguousarray(label_pp))
         locations = class_locations(label_pp, seed=0)
         props["classes_present"] = sorted(locations)
-        import io
-
-        buffer = io.BytesIO()
-        np.savez(buffer, **{f"c{k}": v for k, v in locations.items()})
-        atomic_write_bytes(folder / f"{case.case_id}_loc.npz", buffer.getvalue())
-    atomic_write_text(folder / f"{case.case_id}.json", json.dumps(props))  # last: marks the case complete
+        atomic_write_numpy(files["locations"], np.savez, **{f"c{k}": v for k, v in locations.items()})
+    atomic_write_text(files["sidecar"], json.dumps(props))  # last: marks the case complete
     return props
 
 
@@ -307,24 +302,25 @@ class PreprocessedStore:
         atomic_write_text(self.folder / "plan.json", json.dumps(plan.to_dict(), indent=1))
 
     def _entry(self, case: Case, props: dict[str, Any]) -> PreprocessedCase:
-        has_label = (self.folder / f"{case.case_id}_seg.npy").is_file()
+        files = case_files(self.folder, case.case_id)
+        has_label = files["label"].is_file()
         return PreprocessedCase(
             case_id=case.case_id,
-            image_path=self.folder / f"{case.case_id}_img.npy",
-            label_path=self.folder / f"{case.case_id}_seg.npy" if has_label else None,
-            locations_path=self.folder / f"{case.case_id}_loc.npz" if has_label else None,
+            image_path=files["image"],
+            label_path=files["label"] if has_label else None,
+            locations_path=files["locations"] if has_label else None,
             properties=props,
         )
 
     def _cached_properties(self, case: Case) -> dict[str, Any] | None:
-        sidecar = self.folder / f"{case.case_id}.json"
+        files = case_files(self.folder, case.case_id)
         try:
-            props = json.loads(sidecar.read_text())
+            props = json.loads(files["sidecar"].read_text())
         except (OSError, ValueError):
             return None
-        needed = [self.folder / f"{case.case_id}_img.npy"]
+        needed = [files["image"]]
         if case.label_file is not None:
-            needed += [self.folder / f"{case.case_id}_seg.npy", self.folder / f"{case.case_id}_loc.npz"]
+            needed += [files["label"], files["locations"]]
         if props.get("source") != _source_fingerprint(case) or not all(p.is_file() for p in needed):
             return None
         return props

@@ -17,10 +17,11 @@ with ``torch.load(..., weights_only=True)``: no pickled code is ever executed. K
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -53,6 +54,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_numpy(path: str | Path, save: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """``save(file, *args, **kwargs)`` (``np.save``, ``np.savez``, ``np.savez_compressed``), atomically."""
+    buffer = io.BytesIO()
+    save(buffer, *args, **kwargs)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from medkd.data.io import Geometry, file_ending, read_image, write_image
 from medkd.data.preprocess import PreprocessingPlan, preprocess_arrays, restore_probabilities
-from medkd.engine.checkpoint import atomic_write_bytes, load_checkpoint
+from medkd.engine.checkpoint import atomic_write_numpy, load_checkpoint
 from medkd.models import create_from_spec
 
 
@@ -141,12 +141,9 @@ def group_channel_files(folder: Path, num_channels: int) -> dict[str, list[Path]
 
 def save_probabilities(path: Path, probabilities: np.ndarray, labels: dict[str, int]) -> None:
     """float16 softmax probabilities (K, *spatial) as ``.npz`` (keys: probabilities, class_names)."""
-    import io
-
     names = sorted(labels, key=labels.get)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, probabilities=probabilities.astype(np.float16), class_names=np.array(names))
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_numpy(path, np.savez_compressed, probabilities=probabilities.astype(np.float16),
+                       class_names=np.array(names))
 
 
 def predict_folder(predictor: Predictor, input_dir: Path, output_dir: Path, *, save_probs: bool = False,
