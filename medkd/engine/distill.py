@@ -13,6 +13,7 @@ the loss modules: optimised, checkpointed as ``extra_state``, never part of the 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from medkd.engine.checkpoint import load_checkpoint
 from medkd.losses import DeepSupervisionLoss, build_supervised_loss
 from medkd.losses.distill_registry import DISTILL_LOSSES
 from medkd.models import create_from_spec
-from medkd.models.taps import FeatureTaps, discover_stages, list_tappable, stage_channels
+from medkd.models.taps import FeatureTaps, discover_stages, list_tappable
 from medkd.recipes import DistillTerm, Recipe
 
 
@@ -55,14 +56,24 @@ def check_teacher(teacher_state: dict[str, Any], labels: dict[str, int], in_chan
         raise TeacherMismatchError(f"teacher {source} does not fit: " + "; ".join(problems))
 
 
-def _stage_strides(model: nn.Module, spatial_dims: int, in_channels: int) -> dict[str, tuple]:
-    size = 64 if spatial_dims == 2 else 32  # the dummy input discover_stages uses
-    rows = list_tappable(model, (1, in_channels, *([size] * spatial_dims)))
-    return {row["name"]: tuple(row["stride"]) for row in rows}
+@dataclass
+class NetworkStages:
+    """What pairing needs to know of one network, from dummy forwards made once per network."""
+
+    stages: dict[str, list[str]]  # encoder / bottleneck / decoder module names
+    stride: dict[str, tuple]  # module name -> stride w.r.t. the input, per axis
+    channels: dict[str, int]  # module name -> output channels
+
+    @classmethod
+    def of(cls, model: nn.Module, spatial_dims: int, in_channels: int) -> "NetworkStages":
+        size = 64 if spatial_dims == 2 else 32  # the dummy input discover_stages uses
+        rows = list_tappable(model, (1, in_channels, *([size] * spatial_dims)))
+        return cls(stages=discover_stages(model, spatial_dims, in_channels),
+                   stride={row["name"]: tuple(row["stride"]) for row in rows},
+                   channels={row["name"]: row["channels"] for row in rows})
 
 
-def pair_taps(term: DistillTerm, student: nn.Module, teacher: nn.Module, spatial_dims: int,
-              in_channels: int) -> tuple[list[str], list[str]]:
+def pair_taps(term: DistillTerm, student: NetworkStages, teacher: NetworkStages) -> tuple[list[str], list[str]]:
     """Student and teacher module names to compare, in pairs.
 
     Explicit ``student_taps``/``teacher_taps`` are paired in order. A stage selector (``encoder``,
@@ -72,21 +83,24 @@ def pair_taps(term: DistillTerm, student: nn.Module, teacher: nn.Module, spatial
     """
     if term.student_taps is not None:
         return list(term.student_taps), list(term.teacher_taps)
-    s_stages = discover_stages(student, spatial_dims, in_channels)
-    t_stages = discover_stages(teacher, spatial_dims, in_channels)
-    s_stride = _stage_strides(student, spatial_dims, in_channels)
-    t_stride = _stage_strides(teacher, spatial_dims, in_channels)
     s_names, t_names = [], []
     for part in term.taps.split("+"):
-        teacher_at = {t_stride[name]: name for name in t_stages[part]}
-        for name in s_stages[part]:
-            if s_stride[name] in teacher_at:
+        teacher_at = {teacher.stride[name]: name for name in teacher.stages[part]}
+        for name in student.stages[part]:
+            if student.stride[name] in teacher_at:
                 s_names.append(name)
-                t_names.append(teacher_at[s_stride[name]])
+                t_names.append(teacher_at[student.stride[name]])
     if not s_names:
         raise ValueError(f"no {term.taps} stage of the student has the resolution of a teacher stage; "
                          "give student_taps/teacher_taps explicitly (see `medkd inspect-model`)")
     return s_names, t_names
+
+
+def _channels(info: NetworkStages, names: list[str], which: str) -> list[int]:
+    missing = [n for n in names if n not in info.channels]
+    if missing:
+        raise ValueError(f"{which} has no tappable module named {', '.join(missing)} (see `medkd inspect-model`)")
+    return [info.channels[n] for n in names]
 
 
 def _build_term(term: DistillTerm, s_channels: list[int] | None, t_channels: list[int] | None,
@@ -112,12 +126,14 @@ class Distiller(nn.Module):
         self.supervised = DeepSupervisionLoss(build_supervised_loss(sup.loss, **sup.options))
         self.terms = nn.ModuleDict()
         self.taps: dict[str, tuple[list[str], list[str]]] = {}
+        infos = None
+        if recipe.needs_teacher_features:
+            infos = (NetworkStages.of(student, spatial_dims, in_channels), NetworkStages.of(teacher, spatial_dims, in_channels))
         for name, term in recipe.terms.items():
-            s_names = t_names = s_ch = t_ch = None
+            s_ch = t_ch = None
             if term.uses_features:
-                s_names, t_names = pair_taps(term, student, teacher, spatial_dims, in_channels)
-                s_ch = stage_channels(student, s_names, spatial_dims, in_channels)
-                t_ch = stage_channels(teacher, t_names, spatial_dims, in_channels)
+                s_names, t_names = pair_taps(term, *infos)
+                s_ch, t_ch = _channels(infos[0], s_names, "student"), _channels(infos[1], t_names, "teacher")
                 self.taps[name] = (s_names, t_names)
             self.terms[name] = _build_term(term, s_ch, t_ch, spatial_dims, num_classes)
         student_names = sorted({n for s, _ in self.taps.values() for n in s})
