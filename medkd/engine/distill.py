@@ -21,12 +21,11 @@ import torch
 from torch import nn
 
 from medkd.config import RunConfig
-from medkd.engine.checkpoint import load_checkpoint
 from medkd.losses import DeepSupervisionLoss, build_supervised_loss
 from medkd.losses.distill_registry import DISTILL_LOSSES
-from medkd.models import create_from_spec
 from medkd.models.taps import FeatureTaps, discover_stages, list_tappable
 from medkd.recipes import DistillTerm, Recipe
+from medkd.teachers.manifest import load_frozen
 
 
 class TeacherMismatchError(ValueError):
@@ -35,11 +34,7 @@ class TeacherMismatchError(ValueError):
 
 def load_teacher(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """A frozen network (eval mode, no gradients) and its checkpoint metadata."""
-    state = load_checkpoint(checkpoint)
-    teacher = create_from_spec(state["model_spec"])
-    teacher.load_state_dict(state["state_dict"])
-    teacher.eval().requires_grad_(False)
-    return teacher, state
+    return load_frozen(checkpoint)
 
 
 def check_teacher(teacher_state: dict[str, Any], labels: dict[str, int], in_channels: int, spatial_dims: int,
