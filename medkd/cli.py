@@ -218,23 +218,26 @@ def train_cmd(opts: dict[str, Any]) -> None:
 @cli_errors
 @_command_with_training_options
 def distill_cmd(
-    teacher: Annotated[Path, typer.Option(help="teacher checkpoint (frozen; eval mode, no gradients)")],
+    teacher: Annotated[Path, typer.Option(help="teacher checkpoint, or a teacher set (teachers.json or its folder, "
+                                               "see train-teachers); frozen: eval mode, no gradients")],
     student: Annotated[str, typer.Option(help="student registry name (size via --preset/--shrink; default preset student)")] = "unet",
     recipe: Annotated[str, typer.Option(help="shipped recipe name (see `medkd recipes`) or a YAML file")] = "logit-kd",
     opts: dict[str, Any] = None,
 ) -> None:
-    """Distil a frozen teacher into a student with a recipe; same data/budget/resume/DDP options as train.
+    """Distil frozen teacher(s) into a student with a recipe; same data/budget/resume/DDP options as train.
 
     Without --config, data settings (dataset, mode, patch size, normalisation...) default to the
-    teacher's run; flags and --set override them.
+    (first) teacher's run; flags and --set override them. Logit-only recipes read the teachers'
+    combined outputs from the teacher-output cache (computed once); feature recipes run them live.
     """
     from medkd.engine.checkpoint import load_checkpoint
     from medkd.recipes import load_recipe
+    from medkd.teachers.manifest import open_teachers
 
     if opts["resume"]:
         return _run_training(opts)
     recipe_spec = load_recipe(recipe)
-    teacher_cfg = load_checkpoint(teacher)["config"]
+    teacher_cfg = load_checkpoint(open_teachers(teacher).members[0].checkpoint)["config"]
     # without --config, data settings come from the teacher's run; a --config file takes their place
     base = {"data": {} if opts["config"] else {k: v for k, v in teacher_cfg["data"].items() if k != "data_fraction"}}
     extra = {"model.name": student, "model.preset": opts["preset"] or "student",
@@ -257,13 +260,16 @@ def recipes_cmd() -> None:
         terms += [f"{t.loss}{'[' + (t.taps or 'custom') + ']' if t.uses_features else ''} x{t.weight:g}"
                   for t in r.terms.values()]
         rows.append({"name": name, "terms": " + ".join(terms),
-                     "teacher": "live (features)" if r.needs_teacher_features else "logits only",
+                     "teacher": "cached" if r.uses_cache else ("live (features)" if r.needs_teacher_features
+                                                                else "live"),
+                     "combine": r.teachers.combine + (" x val Dice" if r.teachers.member_weights == "val_dice" else ""),
                      "data": f"{r.data.data_fraction:.0%} of cases" if r.data.data_fraction else "all cases",
                      "paper": r.paper})
     from medkd.evaluation.report import comparison_table
 
     console.print(comparison_table(rows, [("name", "recipe", "s"), ("terms", "terms x weight", "s"),
-                                          ("teacher", "teacher outputs", "s"), ("data", "data", "s"),
+                                          ("teacher", "teacher outputs", "s"),
+                                          ("combine", "several teachers", "s"), ("data", "data", "s"),
                                           ("paper", "paper", "s")], title="medkd distillation recipes"))
 
 

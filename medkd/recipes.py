@@ -9,6 +9,7 @@ A recipe file (``recipes/*.yaml``) looks like::
     terms:
       kl: {loss: kl, weight: 0.5, options: {temperature: 4.0}}
     data: {data_fraction: 1.0}          # optional data overrides (e.g. 0.5 for the contrastive paper)
+    teachers: {combine: mean_prob, member_weights: uniform, cache: true}   # optional, see TeacherOptions
 
 ``terms.<name>.loss`` is a name from :mod:`medkd.losses.distill_registry`; feature terms also say
 which stages they tap (``taps: encoder | decoder | bottleneck | encoder+decoder`` resolved per model
@@ -68,6 +69,28 @@ class RecipeData(_Strict):
     data_fraction: float | None = Field(None, gt=0, le=1)
 
 
+class TeacherOptions(_Strict):
+    """How several teachers (a teacher set) become one target, and whether their outputs are cached.
+
+    ``combine`` (see :mod:`medkd.teachers.combine`): ``mean_prob`` (average member probabilities,
+    ensemble paper), ``mean_logits`` (softmax of averaged logits), ``adaptive`` (per-voxel confidence
+    weights x per-member weights, prostate multi-teacher paper), ``mean_loss`` (each logit term
+    computed per member and averaged: for KL this is the mean of per-member KL terms, which is not
+    the KL to the mean). Feature terms always get one adapter set per member and are averaged with
+    the member weights. ``member_weights``: ``uniform`` or ``val_dice`` (validation Dice from the
+    teacher-set manifest, ``w_m = d_m^dice_power / sum_k d_k^dice_power``). ``cache``: precompute the
+    combined target once (:mod:`medkd.teachers.cache`) when the recipe needs no teacher features and
+    the rule is not ``mean_loss``; ``top_k`` keeps only the k largest classes per voxel there.
+    """
+
+    combine: Literal["mean_prob", "mean_logits", "adaptive", "mean_loss"] = "mean_prob"
+    member_weights: Literal["uniform", "val_dice"] = "uniform"
+    dice_power: float = Field(1.0, ge=0)
+    temperature_w: float = Field(1.0, gt=0, description="temperature of the adaptive per-voxel weights")
+    cache: bool = True
+    top_k: int | None = Field(None, ge=1)
+
+
 class Recipe(_Strict):
     name: str
     paper: str
@@ -75,6 +98,7 @@ class Recipe(_Strict):
     supervised: SupervisedTerm = Field(default_factory=SupervisedTerm)
     terms: dict[str, DistillTerm] = Field(default_factory=dict)
     data: RecipeData = Field(default_factory=RecipeData)
+    teachers: TeacherOptions = Field(default_factory=TeacherOptions)
 
     @model_validator(mode="after")
     def _known_losses(self) -> "Recipe":
@@ -91,6 +115,11 @@ class Recipe(_Strict):
     @property
     def needs_teacher_features(self) -> bool:
         return any(term.uses_features for term in self.terms.values())
+
+    @property
+    def uses_cache(self) -> bool:
+        """Teacher outputs come from the cache (no live teacher): logit terms only, a cacheable rule."""
+        return self.teachers.cache and not self.needs_teacher_features and self.teachers.combine != "mean_loss"
 
 
 def list_recipes() -> list[str]:

@@ -29,14 +29,14 @@ from medkd.data.preprocess import PreprocessedCase
 
 
 def build_augmentation(cfg: AugmentConfig, spatial_dims: int, image_keys: Sequence[str] = ("image",),
-                       label_keys: Sequence[str] = ("label",)) -> Compose:
+                       label_keys: Sequence[str] = ("label",), soft_keys: Sequence[str] = ()) -> Compose:
     """nnU-Net's usual set, as MONAI dictionary transforms.
 
-    Spatial transforms act identically on every key (images bilinear, labels nearest); intensity
-    transforms act on ``image_keys`` only.
+    Spatial transforms act identically on every key (images and soft targets bilinear, labels
+    nearest); intensity transforms act on ``image_keys`` only, never on soft targets.
     """
-    keys = [*image_keys, *label_keys]
-    modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(label_keys)
+    keys = [*image_keys, *soft_keys, *label_keys]
+    modes = ["bilinear"] * (len(image_keys) + len(soft_keys)) + ["nearest"] * len(label_keys)
     angle = np.deg2rad(cfg.rotate_deg)
     rotate_range = (angle,) if spatial_dims == 2 else (angle, angle, angle)
     scale = (cfg.scale_range[0] - 1.0, cfg.scale_range[1] - 1.0)
@@ -51,7 +51,7 @@ def build_augmentation(cfg: AugmentConfig, spatial_dims: int, image_keys: Sequen
     return Compose(transforms)
 
 
-def _crop_or_pad(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+def crop_or_pad(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
     """``array[:, start:start+size]`` over trailing axes, zero-padded where the window leaves it."""
     lead = array.ndim - len(size)
     out = np.zeros((*array.shape[:lead], *size), dtype=array.dtype)
@@ -71,16 +71,23 @@ class PatchDataset(Dataset):
     2D mode: one slice, cropped/padded to ``patch_size`` (y, x). 3D mode: a (z, y, x) patch.
     With probability ``oversample`` a patch is centred (with jitter) on a random voxel of a random
     foreground class present in the case, so rare structures are seen often (nnU-Net's scheme).
-    Items: ``{"image": (C, *patch) float32, "label": (1, *patch) int64, "case": index}``.
+    Items: ``{"image": (C, *patch) float32, "label": (1, *patch) int64, "case": index}``, plus
+    ``"teacher": (K, *patch) float32`` when ``soft_targets`` (one cached teacher target per case,
+    see :mod:`medkd.teachers.cache`) are given: cropped with the same window and moved by the same
+    spatial augmentation as image and label.
     """
 
     def __init__(self, cases: Sequence[PreprocessedCase], *, spatial_dims: int, patch_size: Sequence[int],
-                 oversample: float = 0.33, augment: AugmentConfig | None = None, seed: int = 0):
+                 oversample: float = 0.33, augment: AugmentConfig | None = None, seed: int = 0,
+                 soft_targets: Sequence | None = None):
         if not cases:
             raise ValueError("no training cases to sample from")
         if spatial_dims == 3 and len(patch_size) != 3:
             raise ValueError(f"3D sampling needs a 3D patch size, got {list(patch_size)}")
+        if soft_targets is not None and len(soft_targets) != len(cases):
+            raise ValueError(f"{len(soft_targets)} cached teacher targets for {len(cases)} cases")
         self.cases = list(cases)
+        self.soft_targets = soft_targets
         self.spatial_dims = spatial_dims
         self.patch_size = list(patch_size)
         self.oversample = oversample
@@ -119,32 +126,40 @@ class PatchDataset(Dataset):
         if locations and rng.random() < self.oversample:
             cls = list(locations)[int(rng.integers(len(locations)))]
             centre = locations[cls][int(rng.integers(len(locations[cls])))]
+        z = None
         if self.spatial_dims == 2:
             z = int(centre[0]) if centre is not None else int(rng.integers(image.shape[1]))
             image, label = image[:, z], label[:, z]
             centre = None if centre is None else centre[1:]
         start = self._window(rng, image.shape[1:], centre)
-        return {
-            "image": _crop_or_pad(image, start, self.patch_size).astype(np.float32),
-            "label": _crop_or_pad(label, start, self.patch_size),
+        item = {
+            "image": crop_or_pad(image, start, self.patch_size).astype(np.float32),
+            "label": crop_or_pad(label, start, self.patch_size),
             "transform_seed": int(rng.integers(2**31 - 1)),
             "case": index,
         }
+        if self.soft_targets is not None:
+            item["teacher"] = self.soft_targets[index].crop(z, start, self.patch_size)
+        return item
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor | int]:
         item = self.sample(k)
         data = {"image": item["image"], "label": item["label"].astype(np.float32)}
+        soft_keys = ("teacher",) if "teacher" in item else ()
+        data.update({key: item[key] for key in soft_keys})
         if self.augment_cfg is not None and self.augment_cfg.enabled:
             if self._transform is None:
                 set_track_meta(False)
-                self._transform = build_augmentation(self.augment_cfg, self.spatial_dims)
+                self._transform = build_augmentation(self.augment_cfg, self.spatial_dims, soft_keys=soft_keys)
             self._transform.set_random_state(seed=item["transform_seed"])
             data = self._transform(data)
-        return {
+        out = {
             "image": torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32),
             "label": torch.as_tensor(np.asarray(data["label"])).round().long(),
             "case": item["case"],
         }
+        out.update({key: torch.as_tensor(np.asarray(data[key]), dtype=torch.float32) for key in soft_keys})
+        return out
 
 
 class StepSampler(Sampler[list[int]]):

@@ -1,4 +1,4 @@
-"""Distillation as a task for the shared trainer: a frozen teacher, a student and a recipe.
+"""Distillation as a task for the shared trainer: frozen teacher(s), a student and a recipe.
 
 ``Distiller.forward(batch)`` returns the weighted loss terms (mdistiller's ``forward_train``):
 ``{"loss": total, "seg": ..., "<term>": ...}``. The teacher runs in eval mode under
@@ -13,6 +13,8 @@ the loss modules: optimised, checkpointed as ``extra_state``, never part of the 
 from __future__ import annotations
 
 import inspect
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,9 @@ from medkd.losses import DeepSupervisionLoss, build_supervised_loss
 from medkd.losses.distill_registry import DISTILL_LOSSES
 from medkd.models.taps import FeatureTaps, discover_stages, list_tappable
 from medkd.recipes import DistillTerm, Recipe
-from medkd.teachers.manifest import load_frozen
+from medkd.teachers.cache import TargetSpec, TeacherOutputCache
+from medkd.teachers.combine import dice_member_weights, target_logits
+from medkd.teachers.manifest import load_frozen, open_teachers
 
 
 class TeacherMismatchError(ValueError):
@@ -109,79 +113,178 @@ def _build_term(term: DistillTerm, s_channels: list[int] | None, t_channels: lis
 
 
 class Distiller(nn.Module):
-    """Student + frozen teacher + recipe; ``network`` is the student (what gets deployed)."""
+    """Student + frozen teacher(s) + recipe; ``network`` is the student (what gets deployed).
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, recipe: Recipe, *, spatial_dims: int,
-                 in_channels: int, num_classes: int):
+    With several teachers (``M`` members, in teacher-set order) logit terms compare the student with
+    the combined target of ``recipe.teachers.combine`` (:func:`medkd.teachers.combine.target_logits`
+    at the term's temperature), or, for ``mean_loss``, average the term over members. Feature terms
+    get one loss module (hence one adapter set) per member and are averaged with the member weights
+    ``w`` (uniform, or normalised validation Dice). With ``soft_targets`` attached (see
+    :meth:`attach_cache`) logit targets come from the batch key ``"teacher"`` and no teacher runs.
+    """
+
+    def __init__(self, student: nn.Module, teachers: nn.Module | Sequence[nn.Module], recipe: Recipe, *,
+                 spatial_dims: int, in_channels: int, num_classes: int,
+                 member_weights: Sequence[float] | None = None):
         super().__init__()
+        members = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
+        if not members:
+            raise ValueError("a Distiller needs at least one teacher")
         self.network = student
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teachers = nn.ModuleList(t.eval().requires_grad_(False) for t in members)
         self.recipe = recipe
+        self.register_buffer("member_weights", _normalised(member_weights, len(members)), persistent=False)
+        self.soft_targets: list | None = None
         sup = recipe.supervised
         self.supervised = DeepSupervisionLoss(build_supervised_loss(sup.loss, **sup.options))
         self.terms = nn.ModuleDict()
-        self.taps: dict[str, tuple[list[str], list[str]]] = {}
+        self.taps: dict[str, list[tuple[list[str], list[str]]]] = {}  # term -> per member (student, teacher) names
         infos = None
         if recipe.needs_teacher_features:
-            infos = (NetworkStages.of(student, spatial_dims, in_channels), NetworkStages.of(teacher, spatial_dims, in_channels))
+            student_info = NetworkStages.of(student, spatial_dims, in_channels)
+            infos = [(student_info, NetworkStages.of(t, spatial_dims, in_channels)) for t in members]
         for name, term in recipe.terms.items():
-            s_ch = t_ch = None
-            if term.uses_features:
-                s_names, t_names = pair_taps(term, *infos)
-                s_ch, t_ch = _channels(infos[0], s_names, "student"), _channels(infos[1], t_names, "teacher")
-                self.taps[name] = (s_names, t_names)
-            self.terms[name] = _build_term(term, s_ch, t_ch, spatial_dims, num_classes)
-        student_names = sorted({n for s, _ in self.taps.values() for n in s})
-        teacher_names = sorted({n for _, t in self.taps.values() for n in t})
+            if not term.uses_features:
+                self.terms[name] = nn.ModuleList([_build_term(term, None, None, spatial_dims, num_classes)])
+                continue
+            modules, self.taps[name] = [], []
+            for s_info, t_info in infos:
+                s_names, t_names = pair_taps(term, s_info, t_info)
+                s_ch, t_ch = _channels(s_info, s_names, "student"), _channels(t_info, t_names, "teacher")
+                modules.append(_build_term(term, s_ch, t_ch, spatial_dims, num_classes))
+                self.taps[name].append((s_names, t_names))
+            self.terms[name] = nn.ModuleList(modules)
+        student_names = sorted({n for pairs in self.taps.values() for s, _ in pairs for n in s})
         self._student_taps = FeatureTaps(student, student_names) if student_names else None
-        self._teacher_taps = FeatureTaps(teacher, teacher_names, detach=True) if teacher_names else None
+        self._teacher_taps = []
+        for m, teacher in enumerate(members):
+            names = sorted({n for pairs in self.taps.values() for n in pairs[m][1]})
+            self._teacher_taps.append(FeatureTaps(teacher, names, detach=True) if names else None)
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The first (for a single teacher: the) teacher network."""
+        return self.teachers[0]
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
-        self.teacher.eval()  # frozen: batch-norm statistics and dropout stay as trained
+        self.teachers.eval()  # frozen: batch-norm statistics and dropout stay as trained
         return self
 
     def extra_modules(self) -> nn.ModuleDict:
         return self.terms
 
-    def _teacher_forward(self, image: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def logit_temperature(self) -> float:
+        """The one temperature of the logit terms (what a cached target is computed for)."""
+        temps = {float(getattr(mods[0], "temperature", 1.0)) for name, mods in self.terms.items() if name not in self.taps}
+        if len(temps) > 1:
+            raise ValueError(f"logit terms use different temperatures {sorted(temps)}; one cached target cannot "
+                             "serve them all with several teachers: set teachers.cache: false")
+        return temps.pop() if temps else 1.0
+
+    def attach_cache(self, soft_targets: list) -> None:
+        """Use cached teacher targets (one per training case, batch key ``"teacher"``); drop the live teachers."""
+        if self.recipe.needs_teacher_features:
+            raise ValueError("a recipe with feature terms needs the live teacher; its outputs cannot be cached")
+        self.soft_targets = soft_targets
+        self.teachers = nn.ModuleList(self.teachers[:1])  # kept for ``teacher``; never run
+        self.teachers.requires_grad_(False)
+
+    def _teachers_forward(self, image: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        logits, feats = [], []
         with torch.inference_mode():
-            logits = self.teacher(image)
-            feats = dict(self._teacher_taps.features) if self._teacher_taps else {}
+            for teacher, taps in zip(self.teachers, self._teacher_taps):
+                out = teacher(image)
+                logits.append(out[:, 0] if out.ndim == image.ndim + 1 else out)
+                feats.append(dict(taps.features) if taps else {})
         # inference tensors cannot be saved for backward: clone them into ordinary tensors
-        return logits.clone(), {k: v.clone() for k, v in feats.items()}
+        return torch.stack(logits).clone(), [{k: v.clone() for k, v in f.items()} for f in feats]
+
+    def _logit_term(self, loss: nn.Module, s_logits: torch.Tensor, members: torch.Tensor | None,
+                    cached: torch.Tensor | None) -> torch.Tensor:
+        if cached is not None:
+            return loss(s_logits, cached)
+        options = self.recipe.teachers
+        if options.combine == "mean_loss" and members.shape[0] > 1:
+            return sum(w * loss(s_logits, z) for w, z in zip(self.member_weights, members))
+        rule = "mean_prob" if options.combine == "mean_loss" else options.combine
+        extra = {"temperature_w": options.temperature_w} if rule == "adaptive" else {}
+        target = target_logits(rule, members.float(), getattr(loss, "temperature", 1.0),
+                               member_weights=self.member_weights, **extra)
+        return loss(s_logits, target.to(s_logits.dtype))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image, label = batch["image"], batch["label"]
-        t_logits, t_feats = self._teacher_forward(image)
+        cached = batch.get("teacher") if self.soft_targets is not None else None
+        members, t_feats = (None, None) if cached is not None else self._teachers_forward(image)
         s_out = self.network(image)
         s_feats = dict(self._student_taps.features) if self._student_taps else {}
-        s_logits = s_out[:, 0] if s_out.ndim == t_logits.ndim + 1 else s_out  # deep supervision: full-res head
-        seg = self.recipe.supervised.weight * self.supervised(s_out, label)
-        out = {"seg": seg}
-        for name, loss in self.terms.items():
-            term = self.recipe.terms[name]
-            inputs = getattr(type(loss), "inputs", "logits")
-            if inputs == "logits":
-                value = loss(s_logits, t_logits)
+        s_logits = s_out[:, 0] if s_out.ndim == image.ndim + 1 else s_out  # deep supervision: full-res head
+        out = {"seg": self.recipe.supervised.weight * self.supervised(s_out, label)}
+        for name, modules in self.terms.items():
+            if name not in self.taps:
+                value = self._logit_term(modules[0], s_logits, members, cached)
             else:
-                s_names, t_names = self.taps[name]
-                args = ([s_feats[n] for n in s_names], [t_feats[n] for n in t_names])
-                value = loss(*args, label) if inputs == "features+label" else loss(*args)
-            out[name] = term.weight * value
+                value = 0.0
+                for m, (loss, (s_names, t_names)) in enumerate(zip(modules, self.taps[name])):
+                    args = ([s_feats[n] for n in s_names], [t_feats[m][n] for n in t_names])
+                    inputs = getattr(type(loss), "inputs", "features")
+                    value = value + self.member_weights[m] * (loss(*args, label) if inputs == "features+label" else loss(*args))
+            out[name] = self.recipe.terms[name].weight * value
         total = sum(out.values())
         return {"loss": total, **{k: v.detach() for k, v in out.items()}}
 
 
+def _normalised(weights: Sequence[float] | None, count: int) -> torch.Tensor:
+    if weights is None:
+        return torch.full((count,), 1.0 / count)
+    w = torch.as_tensor(list(weights), dtype=torch.float32)
+    if w.numel() != count or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"member_weights must be {count} non-negative numbers, not all zero; got {list(weights)}")
+    return w / w.sum()
+
+
+def _cache_device(cfg: RunConfig) -> str:
+    if cfg.train.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
 def distill_task_factory(config: RunConfig):
-    """A ``task_factory`` for :class:`medkd.engine.trainer.Trainer` built from ``config.distill``."""
+    """A ``task_factory`` for :class:`medkd.engine.trainer.Trainer` built from ``config.distill``.
+
+    ``distill.teacher`` is one checkpoint or a teacher set (``teachers.json`` or its folder). When the
+    recipe allows it (:attr:`medkd.recipes.Recipe.uses_cache`) the combined teacher target of every
+    training case is computed once into the teacher-output cache and the teachers never run during
+    training. Every DDP rank checks (and if needed fills) the cache; entries are written atomically.
+    """
     from medkd.recipes import recipe_from_dict
 
     def factory(student: nn.Module, data, cfg: RunConfig) -> Distiller:
-        teacher, state = load_teacher(cfg.distill.teacher)
-        check_teacher(state, data.dataset.labels, data.dataset.num_channels, cfg.data.spatial_dims, str(cfg.distill.teacher))
+        teacher_set = open_teachers(cfg.distill.teacher)
         recipe = recipe_from_dict(cfg.distill.recipe, source=f"{cfg.distill.teacher} recipe")
-        return Distiller(student, teacher, recipe, spatial_dims=cfg.data.spatial_dims,
-                         in_channels=data.dataset.num_channels, num_classes=data.dataset.num_classes)
+        networks = []
+        for member in teacher_set.members:
+            network, state = load_frozen(member.checkpoint)
+            check_teacher(state, data.dataset.labels, data.dataset.num_channels, cfg.data.spatial_dims,
+                          str(member.checkpoint))
+            networks.append(network)
+        weights = None
+        if recipe.teachers.member_weights == "val_dice":
+            weights = dice_member_weights(teacher_set.dice_weights(), power=recipe.teachers.dice_power).tolist()
+        distiller = Distiller(student, networks, recipe, spatial_dims=cfg.data.spatial_dims,
+                              in_channels=data.dataset.num_channels, num_classes=data.dataset.num_classes,
+                              member_weights=weights)
+        if recipe.uses_cache:
+            single = len(networks) == 1 and recipe.teachers.top_k is None  # plain logits: one entry for every T
+            spec = TargetSpec(rule="mean_logits" if single else recipe.teachers.combine,
+                              temperature=1.0 if single else distiller.logit_temperature(),
+                              member_weights=None if single or weights is None else tuple(weights),
+                              temperature_w=recipe.teachers.temperature_w, top_k=recipe.teachers.top_k)
+            cache = TeacherOutputCache.for_teachers(teacher_set, data.plan, spec, data.dataset.num_classes,
+                                                    cfg.data.patch_size, cfg.data.cache_dir)
+            distiller.attach_cache(cache.ensure(data.train, networks, mode=cfg.data.mode,
+                                                in_channels=data.dataset.num_channels, device=_cache_device(cfg)))
+        return distiller
 
     return factory

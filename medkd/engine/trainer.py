@@ -238,7 +238,7 @@ class Trainer:
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.state["step"] or None)
         dataset = PatchDataset(self.data.train, spatial_dims=cfg.data.spatial_dims, patch_size=cfg.data.patch_size,
                                oversample=cfg.data.foreground_oversample, augment=cfg.data.augment,
-                               seed=tcfg.seed)
+                               seed=tcfg.seed, soft_targets=getattr(self.raw_task, "soft_targets", None))
         loader = make_train_loader(dataset, cfg.data.batch_size, start_step=self.state["step"],
                                    rank=fabric.global_rank, world_size=fabric.world_size,
                                    num_workers=cfg.data.num_workers)

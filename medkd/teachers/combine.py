@@ -40,6 +40,7 @@ __all__ = [
     "dice_member_weights",
     "mean_logits",
     "mean_probabilities",
+    "target_logits",
     "member_uncertainty",
     "voxel_uncertainty",
 ]
@@ -292,6 +293,33 @@ def combine(rule: str, logits: torch.Tensor, **options) -> torch.Tensor:
     if rule not in _RULES:
         raise ValueError(f"unknown combination rule {rule!r}; valid rules: {', '.join(COMBINATION_RULES)}.")
     return _RULES[rule](logits, **options)
+
+
+def target_logits(rule: str, logits: torch.Tensor, temperature: float = 1.0, **options) -> torch.Tensor:
+    r"""A logit tensor ``g`` (B, C, *spatial) whose tempered softmax is the combined target.
+
+    Logit losses compare ``softmax(z_s / T)`` with ``softmax(g / T)``; ``g`` is chosen so that
+    ``softmax(g / T)`` equals the rule's combined distribution at that ``T``:
+
+    * one member (any rule), or ``"mean_logits"``: ``g = sum_m w_m z_m`` (the (mean) logits themselves; exact at
+      every ``T`` and for spatial softmaxes such as CWD);
+    * ``"mean_prob"`` / ``"adaptive"``: ``g = T log p_T`` with ``p_T`` = :func:`combine` at ``T``
+      (exact for the class softmax at this ``T`` only; probabilities are clamped at ``1e-12``
+      so ``g`` stays finite).
+
+    Args:
+        rule: one of :data:`COMBINATION_RULES`.
+        logits: member logits ``(M, B, C, *spatial)``.
+        temperature: the ``T`` of the loss that will consume ``g``.
+        options: ``member_weights`` and, for ``"adaptive"``, ``temperature_w``.
+    """
+    check_member_stack(logits)
+    t = _check_temperature(temperature)
+    if logits.shape[0] == 1 or rule == "mean_logits":
+        w = _member_weights(options.get("member_weights"), logits.shape[0], logits)
+        return (_broadcast_members(w, logits.ndim) * logits).sum(dim=0)
+    probs = combine(rule, logits, temperature=t, **options)
+    return t * probs.clamp_min(1e-12).log()
 
 
 class MeanMemberKLLoss(nn.Module):

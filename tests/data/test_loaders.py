@@ -6,7 +6,7 @@ import torch
 
 from medkd.config import AugmentConfig
 from medkd.data.dataset import load_dataset
-from medkd.data.loaders import PatchDataset, StepSampler, _crop_or_pad, make_train_loader
+from medkd.data.loaders import PatchDataset, StepSampler, crop_or_pad, make_train_loader
 from medkd.data.preprocess import PreprocessedStore, make_plan
 
 
@@ -79,9 +79,9 @@ def test_loader_with_workers_matches_in_process(cases_3d):
     assert torch.equal(with_workers["image"], in_process["image"])
 
 
-def test_crop_or_pad():
+def testcrop_or_pad():
     array = np.arange(12).reshape(1, 3, 4)
-    out = _crop_or_pad(array, [-1, 2], [3, 3])
+    out = crop_or_pad(array, [-1, 2], [3, 3])
     assert out.shape == (1, 3, 3)
     np.testing.assert_array_equal(out[0, 0], [0, 0, 0])
     np.testing.assert_array_equal(out[0, 1], [2, 3, 0])
