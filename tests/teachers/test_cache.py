@@ -226,3 +226,29 @@ def _student(data):
 
 def _fail(*args, **kwargs):
     raise AssertionError("the teacher ran although its outputs are cached")
+
+
+def test_3d_cache_uses_the_sliding_window_and_keeps_the_grid(phantoms_3d, tiny_config, tmp_path):
+    from monai.inferers import sliding_window_inference
+
+    from medkd.models import create
+
+    tree = tiny_config(phantoms_3d, tmp_path / "prep")
+    tree["data"].update(mode="3d", patch_size=[16, 32, 32])
+    data = prepare_training_data(build_config(tree).data)
+    torch.manual_seed(0)
+    network = create("unet", 3, 1, data.dataset.num_classes, preset="student").eval()
+    checkpoint = tmp_path / "t.pt"
+    checkpoint.write_bytes(b"stand-in bytes: only the fingerprint reads the file")
+    teacher_set = TeacherSet("single", [TeacherMember("t", checkpoint)], dict(data.dataset.labels), checkpoint)
+    cache = TeacherOutputCache.for_teachers(teacher_set, data.plan, TargetSpec("mean_logits"),
+                                            data.dataset.num_classes, [16, 32, 32], tmp_path)
+    targets = cache.ensure(data.train[:2], [network], mode="3d", in_channels=1)
+    image = np.asarray(data.train[0].load_image())
+    with torch.no_grad():
+        live = sliding_window_inference(torch.tensor(image)[None], [16, 32, 32], 2, network, overlap=0.5,
+                                        mode="gaussian")[0]
+    assert targets[0].full().shape == (data.dataset.num_classes, *image.shape[1:])
+    np.testing.assert_allclose(targets[0].full(), live.numpy(), rtol=1e-3, atol=2e-3)
+    patch = PatchDataset(data.train[:2], spatial_dims=3, patch_size=[16, 32, 32], soft_targets=targets)[0]
+    assert patch["teacher"].shape == (data.dataset.num_classes, 16, 32, 32)
