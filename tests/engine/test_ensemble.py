@@ -80,8 +80,8 @@ def test_member_statistics_agree_with_the_stacked_combination_functions():
             stats.add(member)
         expected = reference(logits[:, None].float())[0]  # combine.py takes (M, B, K, *spatial)
         torch.testing.assert_close(stats.combined(), expected, atol=1e-6, rtol=0)
-        torch.testing.assert_close(stats.voxel_uncertainty(),
-                                   voxel_uncertainty(torch.softmax(logits, 1)[:, None].float())[0, 0], atol=1e-6, rtol=0)
+        spread = voxel_uncertainty(torch.softmax(logits, 1)[:, None].float())[0, 0]
+        torch.testing.assert_close(stats.voxel_uncertainty(), spread, atol=1e-6, rtol=0)
     untracked = MemberStatistics("mean_logits")
     untracked.add(torch.full((2, 3), 0.5))
     with pytest.raises(ValueError, match="not tracked"):
@@ -100,7 +100,8 @@ def test_uncertainty_is_zero_for_identical_members(two_2d, tmp_path):
 def test_a_set_of_one_is_the_single_checkpoint(two_2d, tmp_path):
     a, _, (image, geometry), labels = two_2d
     single = Predictor(a).predict_arrays(image, geometry)
-    assert np.array_equal(EnsemblePredictor(_teacher_set(tmp_path, [a], labels)).predict_arrays(image, geometry), single)
+    set_of_one = EnsemblePredictor(_teacher_set(tmp_path, [a], labels))
+    assert np.array_equal(set_of_one.predict_arrays(image, geometry), single)
     assert np.array_equal(EnsemblePredictor(a).predict_arrays(image, geometry), single)  # open_teachers on a .pt
     assert type(load_predictor(a)) is Predictor
     assert isinstance(load_predictor(tmp_path), EnsemblePredictor)
