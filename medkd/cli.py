@@ -303,24 +303,35 @@ def _input_folder(path: Path, split: str) -> Path:
 @app.command("predict")
 @cli_errors
 def predict_cmd(
-    checkpoint: Annotated[Path, typer.Option(help="best.pt / last.pt of a run")],
+    checkpoint: Annotated[Path, typer.Option(help="best.pt / last.pt of a run, or a teacher set (teachers.json or "
+                                                  "its folder), which predicts as one model")],
     input: Annotated[Path, typer.Option("--input", "-i", help="folder of CASE_0000.ext images, or a dataset folder")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for CASE.ext segmentations")],
     split: Annotated[str, typer.Option(help="for a dataset folder: test (imagesTs) or train (imagesTr)")] = "test",
     tta: Annotated[bool, typer.Option(help="average over mirrored inputs")] = False,
-    save_probabilities: Annotated[bool, typer.Option(help="also write CASE.npz (float16 softmax)")] = False,
+    combine: Annotated[str, typer.Option(help="teacher sets: mean_prob (average member probabilities) or "
+                                              "mean_logits (softmax of averaged member logits)")] = "mean_prob",
+    uncertainty: Annotated[bool, typer.Option(help="teacher sets of 2+ members: also write CASE_uncertainty.ext "
+                                                   "(.nii.gz for PNG inputs; float32; mean over classes of the "
+                                                   "members' probability std)")] = False,
+    save_probabilities: Annotated[bool, typer.Option(help="also write CASE.npz (float16 softmax; combined for a "
+                                                          "teacher set)")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     overwrite: bool = False,
 ) -> None:
     """Segment images; outputs keep the input's format and exact geometry."""
     from tqdm import tqdm
 
-    from medkd.engine.inference import Predictor, predict_folder
+    from medkd.engine.ensemble import load_predictor
+    from medkd.engine.inference import predict_folder
 
-    predictor = Predictor(checkpoint, device=device, tta=tta, amp=device.startswith("cuda"))
+    predictor = load_predictor(checkpoint, device=device, tta=tta, amp=device.startswith("cuda"), combine=combine)
     written = predict_folder(predictor, _input_folder(input, split), output, save_probs=save_probabilities,
-                             overwrite=overwrite, progress=lambda items: tqdm(items, desc="predict", unit="case"))
-    console.print(f"wrote {len(written)} segmentation(s) to {output}")
+                             uncertainty=uncertainty, overwrite=overwrite,
+                             progress=lambda items: tqdm(items, desc="predict", unit="case"))
+    what = f"segmentation(s) of {predictor.num_members} combined member(s)" if predictor.num_members > 1 \
+        else "segmentation(s)"
+    console.print(f"wrote {len(written)} {what}{' and uncertainty maps' if uncertainty else ''} to {output}")
 
 
 def _class_names(labels_json: Optional[Path], ref_dir: Path) -> dict[int, str]:
@@ -344,7 +355,11 @@ def evaluate_cmd(
     output: Annotated[Optional[Path], typer.Option(help="where to write per_case.csv, summary.csv/json")] = None,
     workers: int = 2,
 ) -> None:
-    """Per-case, per-class Dice, HD95 and average surface distance (spacing-aware, MONAI metrics)."""
+    """Per-case, per-class Dice, HD95 and average surface distance (spacing-aware, MONAI metrics).
+
+    PRED_DIR is what `medkd predict` wrote, for one checkpoint or a teacher set (uncertainty maps
+    CASE_uncertainty.ext in it are skipped).
+    """
     from medkd.evaluation import evaluate_folder
 
     if label_dir is None:

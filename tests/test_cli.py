@@ -76,3 +76,57 @@ def test_models_lists_the_registry():
     assert result.exit_code == 0
     for name in ["unet", "basicunet", "dynunet", "segresnet", "attentionunet"]:
         assert name in result.output
+
+
+def _untrained_checkpoint(dataset_root, path, seed):
+    import torch
+
+    from medkd.data.dataset import load_dataset
+    from medkd.data.preprocess import make_plan
+    from medkd.engine.checkpoint import save_checkpoint
+    from medkd.models import create
+
+    dataset = load_dataset(dataset_root)
+    torch.manual_seed(seed)
+    model = create("unet", 2, dataset.num_channels, dataset.num_classes, preset="student")
+    plan = make_plan(dataset, dataset.training[:2], mode="2d")
+    save_checkpoint({"model_spec": model.medkd_spec.to_dict(), "state_dict": model.state_dict(),
+                     "preprocessing": {"plan": plan.to_dict(), "patch_size": [32, 32]},
+                     "labels": dict(dataset.labels)}, path)
+    return path
+
+
+def test_predict_and_evaluate_a_teacher_set(phantoms_2d, tmp_path):
+    from medkd.data.dataset import load_dataset
+    from medkd.data.io import read_image
+    from medkd.teachers.manifest import TeacherMember, TeacherSet
+
+    members = [TeacherMember(f"t{s}", _untrained_checkpoint(phantoms_2d, tmp_path / "set" / f"t{s}.pt", s))
+               for s in (0, 1)]
+    TeacherSet("uniform", members, dict(load_dataset(phantoms_2d).labels), tmp_path / "set").save(tmp_path / "set")
+    pred = tmp_path / "pred"
+    result = runner.invoke(app, ["predict", "--checkpoint", str(tmp_path / "set"), "-i", str(phantoms_2d), "-o",
+                                 str(pred), "--uncertainty", "--save-probabilities", "--combine", "mean_logits"])
+    assert result.exit_code == 0, result.output
+    assert "2 combined member(s)" in result.output
+    cases = sorted(p.name[: -len("_0000.png")] for p in (phantoms_2d / "imagesTs").iterdir())
+    for case in cases:
+        seg, geometry = read_image(pred / f"{case}.png")
+        spread, spread_geometry = read_image(pred / f"{case}_uncertainty.nii.gz")  # PNG cannot hold floats
+        assert spread.shape == seg.shape and spread.dtype == "float32" and spread_geometry == geometry
+        assert (pred / f"{case}.npz").is_file()
+    ev = runner.invoke(app, ["evaluate", str(pred), "--dataset", str(phantoms_2d)])
+    assert ev.exit_code == 0, ev.output  # the uncertainty maps are not taken for predictions
+    assert sorted({r.split(",")[0] for r in (pred / "evaluation" / "per_case.csv").read_text().splitlines()[1:]}) \
+        == cases
+
+
+def test_predict_uncertainty_needs_a_teacher_set(phantoms_2d, tmp_path):
+    ckpt = _untrained_checkpoint(phantoms_2d, tmp_path / "one.pt", 0)
+    result = runner.invoke(app, ["predict", "--checkpoint", str(ckpt), "-i", str(phantoms_2d),
+                                 "-o", str(tmp_path / "o"), "--uncertainty"])
+    assert result.exit_code == 1 and "at least 2 members" in result.output and "one.pt" in result.output
+    assert not (tmp_path / "o").exists()
+    bad = runner.invoke(app, ["predict", "--checkpoint", str(ckpt), "-i", str(phantoms_2d),
+                              "-o", str(tmp_path / "o"), "--combine", "vote"])
+    assert bad.exit_code == 1 and "mean_prob, mean_logits" in bad.output

@@ -116,6 +116,20 @@ def file_ending(path: PathLike) -> str:
     raise ValueError(f"unsupported file ending for {path}; supported: {', '.join(SUPPORTED_ENDINGS)}")
 
 
+#: Case-id suffix of the uncertainty map that ``medkd predict --uncertainty`` writes beside ``CASE<ending>``.
+UNCERTAINTY_SUFFIX = "_uncertainty"
+
+
+def uncertainty_file(segmentation: PathLike) -> Path:
+    """Where the uncertainty map of a segmentation file goes: ``CASE.ext`` -> ``CASE_uncertainty.ext``.
+
+    PNG holds integers only, so the float map of a ``.png`` segmentation is written as ``.nii.gz``.
+    """
+    path = Path(segmentation)
+    ending = file_ending(path)
+    return path.with_name(path.name[: -len(ending)] + UNCERTAINTY_SUFFIX + (".nii.gz" if ending == ".png" else ending))
+
+
 def _spatial_geometry(geometry: Geometry, ndim: int) -> Geometry:
     """Drop trailing (time/channel) axes of a higher-dimensional geometry, keeping ``ndim`` axes."""
     if geometry.ndim == ndim:

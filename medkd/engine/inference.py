@@ -3,7 +3,9 @@ and mapping back to the input's exact grid and geometry.
 
 ``predict_probabilities`` works on a preprocessed array; ``Predictor`` goes from image files on disk
 to a segmentation (and optionally float16 softmax probabilities) written with the input's spacing,
-origin and direction.
+origin and direction. A teacher set predicts the same way through
+:class:`medkd.engine.ensemble.EnsemblePredictor` (see :func:`medkd.engine.ensemble.load_predictor`),
+which can also write a per-voxel uncertainty map.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from medkd.data.io import Geometry, file_ending, read_image, write_image
+from medkd.data.io import Geometry, file_ending, read_image, uncertainty_file, write_image
 from medkd.data.preprocess import PreprocessingPlan, preprocess_arrays, restore_probabilities
 from medkd.engine.checkpoint import atomic_write_numpy, load_checkpoint
 from medkd.models import create_from_spec
@@ -76,6 +78,8 @@ def predict_probabilities(model: nn.Module, image: np.ndarray | torch.Tensor, *,
 class Predictor:
     """A trained network plus the preprocessing it was trained with, loaded from a checkpoint."""
 
+    num_members = 1  # one model: no member disagreement, hence no uncertainty map
+
     def __init__(self, checkpoint: str | Path, device: str = "cpu", tta: bool = False, amp: bool = False):
         state = load_checkpoint(checkpoint)
         self.checkpoint = Path(checkpoint)
@@ -88,31 +92,63 @@ class Predictor:
         self.device, self.tta, self.amp = device, tta, amp
 
     @property
+    def source(self) -> Path:
+        """The file the model was loaded from (named in error messages)."""
+        return self.checkpoint
+
+    @property
     def num_channels(self) -> int:
         return self.plan.num_channels
 
-    def predict_arrays(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
-        """Probabilities (K, *spatial) on the grid of ``image`` (C, *spatial) as read from disk."""
+    def check_image(self, image: np.ndarray) -> None:
+        """Raise unless ``image`` (C, *spatial) has this model's channel count and only finite voxels."""
         if image.shape[0] != self.num_channels:
             raise ValueError(f"model expects {self.num_channels} channel(s), image has {image.shape[0]}")
         if not np.isfinite(image).all():
             raise ValueError("image contains NaN or Inf voxels")
+
+    def prepare(self, image: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, dict]:
+        """The preprocessed image (C, z, y, x) and the properties that map a prediction back."""
         prepared, _, props = preprocess_arrays(image, None, geometry, self.plan)
+        return prepared, props
+
+    def predict_prepared(self, prepared: np.ndarray, props: dict, original_shape: Sequence[int]) -> np.ndarray:
+        """Probabilities (K, *original_shape) from an image made by :meth:`prepare` (this model's plan)."""
         probs = predict_probabilities(self.model, prepared, mode=self.plan.mode, patch_size=self.patch_size,
                                       tta=self.tta, device=self.device, amp=self.amp)
-        return restore_probabilities(probs.numpy(), props, image.shape[1:])
+        return restore_probabilities(probs.numpy(), props, original_shape)
+
+    def predict_arrays(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """Probabilities (K, *spatial) on the grid of ``image`` (C, *spatial) as read from disk."""
+        self.check_image(image)
+        prepared, props = self.prepare(image, geometry)
+        return self.predict_prepared(prepared, props, image.shape[1:])
 
     def predict_files(self, image_files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, Geometry]:
         """Segmentation and probabilities for one case given its channel files (``_0000``, ``_0001``...)."""
-        arrays, geometry = [], None
-        for path in image_files:
-            array, geo = read_image(path)
-            if geometry is not None and (array.shape != arrays[0].shape or not geo.matches(geometry)):
-                raise ValueError(f"{path}: shape/geometry differs from channel 0 ({image_files[0]})")
-            arrays.append(array)
-            geometry = geometry or geo
-        probs = self.predict_arrays(np.stack(arrays).astype(np.float32), geometry)
-        return probs.argmax(0).astype(np.uint8), probs, geometry
+        image, geometry = read_case(image_files)
+        probs = self.predict_arrays(image, geometry)
+        return segmentation(probs), probs, geometry
+
+
+def read_case(image_files: Sequence[Path]) -> tuple[np.ndarray, Geometry]:
+    """One case's channel files (``_0000``, ``_0001``...) as a float32 image (C, *spatial) and its geometry.
+
+    Every channel must have channel 0's shape and geometry.
+    """
+    arrays, geometry = [], None
+    for path in image_files:
+        array, geo = read_image(path)
+        if geometry is not None and (array.shape != arrays[0].shape or not geo.matches(geometry)):
+            raise ValueError(f"{path}: shape/geometry differs from channel 0 ({image_files[0]})")
+        arrays.append(array)
+        geometry = geometry or geo
+    return np.stack(arrays).astype(np.float32), geometry
+
+
+def segmentation(probabilities: np.ndarray) -> np.ndarray:
+    """Label map (*spatial) uint8: the most probable class of probabilities (K, *spatial)."""
+    return probabilities.argmax(0).astype(np.uint8)
 
 
 def group_channel_files(folder: Path, num_channels: int) -> dict[str, list[Path]]:
@@ -147,20 +183,35 @@ def save_probabilities(path: Path, probabilities: np.ndarray, labels: dict[str, 
 
 
 def predict_folder(predictor: Predictor, input_dir: Path, output_dir: Path, *, save_probs: bool = False,
-                   overwrite: bool = False, progress: Callable | None = None) -> list[Path]:
-    """Predict every case in ``input_dir``; writes ``CASE<ending>`` (+ ``CASE.npz``) into ``output_dir``."""
+                   uncertainty: bool = False, overwrite: bool = False, progress: Callable | None = None) -> list[Path]:
+    """Predict every case in ``input_dir``; writes ``CASE<ending>`` (+ ``CASE.npz``) into ``output_dir``.
+
+    ``predictor`` is a :class:`Predictor` or a :class:`medkd.engine.ensemble.EnsemblePredictor`
+    (whose ``.npz`` holds the combined probabilities). ``uncertainty=True`` also writes
+    ``CASE_uncertainty<ending>`` (float32, the input's geometry; ``.nii.gz`` for PNG inputs, which
+    cannot hold floats) and needs an ensemble of at least two members.
+    """
+    if uncertainty and predictor.num_members < 2:
+        raise ValueError(f"an uncertainty map needs a teacher set of at least 2 members (teachers.json or its "
+                         f"folder); {predictor.source} holds one model, which has no member disagreement to map")
     grouped = group_channel_files(Path(input_dir), predictor.num_channels)
     output_dir = Path(output_dir)
     outputs = {case: output_dir / f"{case}{file_ending(files[0])}" for case, files in grouped.items()}
-    existing = [p for p in outputs.values() if p.exists()]
+    maps = {case: uncertainty_file(path) for case, path in outputs.items()} if uncertainty else {}
+    existing = [p for p in [*outputs.values(), *maps.values()] if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{len(existing)} prediction(s) already in {output_dir} (e.g. {existing[0].name}); "
                               "pass --overwrite to replace them or choose another output folder")
     written = []
     items = list(grouped.items())
     for case_id, files in (progress(items) if progress else items):
-        seg, probs, geometry = predictor.predict_files(files)
-        write_image(seg, geometry, outputs[case_id])
+        image, geometry = read_case(files)
+        if uncertainty:
+            probs, spread = predictor.predict_with_uncertainty(image, geometry)
+            write_image(spread.astype(np.float32), geometry, maps[case_id])
+        else:
+            probs = predictor.predict_arrays(image, geometry)
+        write_image(segmentation(probs), geometry, outputs[case_id])
         if save_probs:
             save_probabilities(output_dir / f"{case_id}.npz", probs, predictor.labels)
         written.append(outputs[case_id])

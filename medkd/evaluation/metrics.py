@@ -303,13 +303,19 @@ def _list_cases(folder: Path, file_ending: str | None) -> dict[str, Path]:
     return cases
 
 
+def _is_uncertainty_map(case_id: str, preds: Mapping[str, Path]) -> bool:
+    """True for ``CASE_uncertainty`` beside a prediction of ``CASE`` (written by ``medkd predict --uncertainty``)."""
+    suffix = image_io.UNCERTAINTY_SUFFIX
+    return case_id.endswith(suffix) and case_id[: -len(suffix)] in preds
+
+
 def _pair_cases(
     pred_dir: Path, ref_dir: Path, case_ids: Sequence[str] | None, file_ending: str | None
 ) -> list[tuple[str, Path, Path]]:
     """``(case_id, pred_path, ref_path)`` for each case, checking that both files exist."""
     preds, refs = _list_cases(pred_dir, file_ending), _list_cases(ref_dir, file_ending)
     if case_ids is None:
-        orphans = sorted(set(preds) - set(refs))
+        orphans = sorted(c for c in set(preds) - set(refs) if not _is_uncertainty_map(c, preds))
         if orphans:
             raise FileNotFoundError(
                 f"no reference in {ref_dir} for prediction(s) {', '.join(preds[c].name for c in orphans)}"
@@ -376,7 +382,9 @@ def evaluate_folder(
 
     Files are paired by case id, the file name without its ending (one of
     :data:`medkd.data.io.SUPPORTED_ENDINGS`, or only ``file_ending`` when given).
-    Other files (and hidden ones) are ignored. Distances use the reference's spacing.
+    Other files (and hidden ones) are ignored, and so are the uncertainty maps
+    (``CASE_uncertainty<ending>`` beside ``CASE<ending>``) of an ensemble's prediction folder.
+    Distances use the reference's spacing.
 
     Args:
         pred_dir: folder with predicted label maps.

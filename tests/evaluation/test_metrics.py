@@ -357,3 +357,12 @@ def test_evaluate_folder_2d_png_uses_reversed_spacing(tmp_path: Path) -> None:
     (row,) = evaluate_folder(tmp_path / "pred", tmp_path / "ref", {1: "fg"}).per_case
     assert row["dice"] == pytest.approx(2 * 12 / 32)
     assert row["hd95"] == pytest.approx(2.0)
+
+
+def test_uncertainty_maps_of_an_ensemble_are_not_predictions(folders: tuple[Path, Path]) -> None:
+    pred_dir, ref_dir = folders
+    write_image(np.zeros((6, 8, 8), np.float32), GEOMETRY, pred_dir / "case_001_uncertainty.nii.gz")
+    assert {r["case"] for r in evaluate_folder(pred_dir, ref_dir, CLASSES).per_case} == {"case_001", "case_002"}
+    write_image(np.zeros((6, 8, 8), np.float32), GEOMETRY, pred_dir / "case_007_uncertainty.nii.gz")
+    with pytest.raises(FileNotFoundError, match="case_007_uncertainty"):  # no CASE beside it: a real orphan
+        evaluate_folder(pred_dir, ref_dir, CLASSES)
