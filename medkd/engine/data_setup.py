@@ -57,6 +57,20 @@ def select_cases(cases: list[str], train_ids: list[str], val_ids: list[str], fol
     return sorted(cases)
 
 
+def split_case_ids(cfg: DataConfig, dataset: DatasetInfo, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(training ids, validation ids)`` a run trains and validates on, both sorted.
+
+    The fold split (:func:`~medkd.data.splits.get_split`), then ``data.cases`` (if set), then the
+    seeded ``data.data_fraction`` subset (seed = ``train.seed``) of the training ids.
+    """
+    train_ids, val_ids = get_split(dataset, fold=cfg.fold, num_folds=cfg.num_folds, group_regex=cfg.group_regex)
+    if cfg.cases is not None:
+        train_ids = select_cases(cfg.cases, train_ids, val_ids, fold=cfg.fold)
+    if cfg.data_fraction < 1.0:
+        train_ids = subset_cases(train_ids, cfg.data_fraction, seed=seed)
+    return train_ids, val_ids
+
+
 def prepare_training_data(cfg: DataConfig, seed: int = 0, check: bool | None = None) -> TrainingData:
     """Check the dataset, split it, plan preprocessing and fill the cache (reusing what is there)."""
     if cfg.dataset is None:
@@ -67,11 +81,7 @@ def prepare_training_data(cfg: DataConfig, seed: int = 0, check: bool | None = N
         if problems:
             raise DataCheckError(root, problems)
     dataset = load_dataset(root)
-    train_ids, val_ids = get_split(dataset, fold=cfg.fold, num_folds=cfg.num_folds, group_regex=cfg.group_regex)
-    if cfg.cases is not None:
-        train_ids = select_cases(cfg.cases, train_ids, val_ids, fold=cfg.fold)
-    if cfg.data_fraction < 1.0:
-        train_ids = subset_cases(train_ids, cfg.data_fraction, seed=seed)
+    train_ids, val_ids = split_case_ids(cfg, dataset, seed=seed)
     train_cases = [dataset.case(i) for i in train_ids]
     val_cases = [dataset.case(i) for i in val_ids]
     plan = make_plan(dataset, train_cases, mode=cfg.mode, normalization=cfg.normalization,
