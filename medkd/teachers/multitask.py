@@ -34,7 +34,7 @@ from torch import nn
 from medkd.engine.tasks import SupervisedTask
 from medkd.models.taps import FeatureTaps, TapNotFoundError, discover_stages, list_tappable
 
-__all__ = ["DEFAULT_AUX_WEIGHT", "MultiTaskTask", "ReconstructionHead", "multitask_task_factory"]
+__all__ = ["DEFAULT_AUX_WEIGHT", "MultiTaskTask", "ReconstructionHead", "check_tap", "multitask_task_factory"]
 
 #: default weight of the reconstruction term (the segmentation term has weight 1).
 DEFAULT_AUX_WEIGHT = 0.5
@@ -172,3 +172,19 @@ def multitask_task_factory(aux_weight: float = DEFAULT_AUX_WEIGHT, tap: str | No
                              spatial_dims=config.data.spatial_dims, in_channels=data.dataset.num_channels)
 
     return factory
+
+
+def check_tap(config, tap: str) -> None:
+    """Fail early (``ValueError``) when ``tap`` names no suitable module of ``config``'s architecture.
+
+    Builds the configured network with dummy channel counts (module names do not depend on them).
+    """
+    from medkd.models import create
+
+    m = config.model
+    network = create(m.name, config.data.spatial_dims, 1, 2, preset=m.preset, shrink=m.shrink,
+                     deep_supervision=m.deep_supervision, **m.kwargs)
+    try:
+        MultiTaskTask(network, nn.Identity(), tap=tap)
+    except (TapNotFoundError, ValueError) as err:
+        raise ValueError(f"--aux-tap {tap}: {err}") from None

@@ -223,7 +223,7 @@ def make_plan(kind: str, base_config: RunConfig, *, members: int | None = None, 
               losses: list[str] | None = None, subsets: int | None = None, group_by: str | None = None,
               aux_weight: float | None = None, aux_tap: str | None = None) -> TeacherPlan:
     """A :class:`TeacherPlan` (subset plans read the dataset's split and case metadata)."""
-    from medkd.teachers.multitask import DEFAULT_AUX_WEIGHT
+    from medkd.teachers.multitask import DEFAULT_AUX_WEIGHT, check_tap
 
     if (aux_weight is not None or aux_tap is not None) and kind != "multitask":
         raise TeacherPlanError("--aux-weight and --aux-tap apply to --kind multitask only")
@@ -240,6 +240,8 @@ def make_plan(kind: str, base_config: RunConfig, *, members: int | None = None, 
         if not (math.isfinite(weight) and weight >= 0):
             raise TeacherPlanError(f"--aux-weight must be a finite number >= 0, got {aux_weight}")
         options = {"aux_weight": weight, "aux_tap": aux_tap}
+        if aux_tap is not None:
+            check_tap(base_config, aux_tap)
     plan = TeacherPlan(kind, base_config.to_yaml_dict(), planned, options)
     for member in planned:  # every member config must validate before anything is trained
         plan.member_config(member)
@@ -279,7 +281,8 @@ def plan_differences(old: Any, new: Any, path: str = "") -> list[str]:
         return out
     if _named_rows(old) and _named_rows(new):  # members: compare by name
         names = {"old": [r["name"] for r in old], "new": [r["name"] for r in new]}
-        out = [] if names["old"] == names["new"] else [f"{path} (names): {_short(names['old'])} -> {_short(names['new'])}"]
+        out = [] if names["old"] == names["new"] else [
+            f"{path} (names): {_short(names['old'])} -> {_short(names['new'])}"]
         by_name = {r["name"]: r for r in new}
         return out + [d for r in old if r["name"] in by_name
                       for d in plan_differences(r, by_name[r["name"]], f"{path}[{r['name']}]")]

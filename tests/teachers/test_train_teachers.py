@@ -171,3 +171,52 @@ def test_member_killed_before_its_first_checkpoint_starts_again(phantoms_2d, tmp
     teachers = train_teacher_set(tmp_path / "set", resume=True)  # no plan: continue the stored one
     assert recorded_train == [("unet_seed4", False), ("unet_seed4", False)]
     assert [m.name for m in teachers.members] == ["unet_seed4"]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _cli(phantoms, tmp_path, *args):
+    from typer.testing import CliRunner
+
+    from medkd.cli import app
+
+    common = ["--dataset", str(phantoms), "--preset", "student", "--patch-size", "64,64", "--batch-size", "4",
+              "--max-steps", "2", "--num-workers", "0", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+              "--set", "train.progress=false", "--set", "train.tensorboard=false"]
+    return CliRunner().invoke(app, ["train-teachers", *common, *args])
+
+
+def test_cli_trains_a_grouped_subset_set_and_resumes(phantoms_2d, tmp_path):
+    from typer.testing import CliRunner
+
+    from medkd.cli import app
+
+    out = tmp_path / "set"
+    first = _cli(phantoms_2d, tmp_path, "--kind", "subset", "--subsets", "2", "--group-by", "site", "--out", str(out))
+    assert first.exit_code == 0, first.output
+    teachers = load_manifest(out)
+    assert teachers.kind == "subset" and [m.name for m in teachers.members] == ["subset0", "subset1"]
+    assert not set(teachers.members[0].cases) & set(teachers.members[1].cases)
+    assert "best val Dice" in first.output and "teachers.json" in first.output
+    again = _cli(phantoms_2d, tmp_path, "--kind", "subset", "--subsets", "2", "--group-by", "site", "--out", str(out))
+    assert again.exit_code == 1 and "already exists" in again.output and str(out) in again.output
+    resumed = CliRunner().invoke(app, ["train-teachers", "--resume", "--out", str(out)])
+    assert resumed.exit_code == 0 and "2 subset teacher(s)" in resumed.output
+    differs = _cli(phantoms_2d, tmp_path, "--kind", "subset", "--subsets", "3", "--group-by", "site",
+                   "--out", str(out), "--resume")
+    assert differs.exit_code == 1 and "members (names)" in differs.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--kind", "bagging"], "unknown teacher-set kind 'bagging'"),
+    (["--kind", "diverse", "--models", "unet,foo"], "unknown model name(s) foo"),
+    (["--kind", "diverse", "--losses", "dice_ce,hinge"], "unknown loss name(s) hinge"),
+    (["--kind", "subset", "--group-by", "scanner"], "no metadata key 'scanner'"),
+    (["--kind", "multitask", "--aux-tap", "model.9"], "--aux-tap model.9"),
+    (["--kind", "uniform", "--aux-weight", "0.3"], "apply to --kind multitask only"),
+])
+def test_cli_errors_are_one_message(phantoms_2d, tmp_path, args, needle):
+    result = _cli(phantoms_2d, tmp_path, *args, "--out", str(tmp_path / "set"))
+    assert result.exit_code == 1 and needle in result.output, result.output
+    assert not (tmp_path / "set").exists()
