@@ -301,6 +301,8 @@ def train_teachers_cmd(
         raise ValueError("--resume needs --out (the teacher-set folder to continue)")
     out = out or _default_run_dir("teachers", plan.kind)
     teachers = train_teacher_set(out, plan, resume=opts["resume"])
+    if teachers is None:  # a non-zero rank of a distributed run
+        return
     for member in teachers.members:
         dice = "n/a" if member.val_dice is None else f"{member.val_dice:.4f}"
         console.print(f"  {member.name}: {member.model}, {member.loss}, seed {member.seed}, best val Dice {dice}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import typing
 from dataclasses import asdict, dataclass, field
@@ -320,7 +321,15 @@ def member_dir(out: Path, member: MemberPlan) -> Path:
     return Path(out) / "members" / member.name
 
 
-def _train_member(plan: TeacherPlan, member: MemberPlan, run_dir: Path) -> None:
+def is_main_process() -> bool:
+    """False in the non-zero ranks of a distributed launch (torchrun, SLURM, Fabric's DDP launcher).
+
+    Those ranks train alongside rank 0 but leave every file (plan, folders, manifest) to it.
+    """
+    return all(int(os.environ.get(key) or 0) == 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def _train_member(plan: TeacherPlan, member: MemberPlan, run_dir: Path, main: bool = True) -> None:
     """Train, resume or skip one member (the decision follows its run folder)."""
     if (run_dir / "result.json").is_file():
         log.info("teacher %s: finished earlier, skipped", member.name)
@@ -336,7 +345,7 @@ def _train_member(plan: TeacherPlan, member: MemberPlan, run_dir: Path) -> None:
         log.info("teacher %s: resuming from %s", member.name, run_dir / "last.pt")
         train(None, run_dir, resume=True, **kwargs)
         return
-    if run_dir.exists() and any(run_dir.iterdir()):  # stopped before its first checkpoint: nothing to keep
+    if main and run_dir.exists() and any(run_dir.iterdir()):  # stopped before its first checkpoint: nothing kept
         log.warning("teacher %s stopped before its first checkpoint; starting it again", member.name)
         shutil.rmtree(run_dir)
     log.info("teacher %s: training in %s", member.name, run_dir)
@@ -369,8 +378,12 @@ def write_manifest(out: Path, plan: TeacherPlan) -> Path | None:
     return TeacherSet(kind=plan.kind, members=members, labels=labels, source=out / MANIFEST_NAME).save(out)
 
 
-def train_teacher_set(out: str | Path, plan: TeacherPlan | None = None, *, resume: bool = False) -> TeacherSet:
+def train_teacher_set(out: str | Path, plan: TeacherPlan | None = None, *,
+                      resume: bool = False) -> TeacherSet | None:
     """Train every member of ``plan`` into ``out`` and return the finished set (see the module doc).
+
+    In a distributed run (several devices) every rank calls this; only rank 0 writes files and
+    returns the set, the other ranks return None.
 
     Args:
         out: the set's folder; must be new or empty unless ``resume``.
@@ -383,10 +396,11 @@ def train_teacher_set(out: str | Path, plan: TeacherPlan | None = None, *, resum
         RunDirError: ``out`` holds something and ``resume`` is False, or there is no plan to resume.
         TeacherPlanError: the new plan differs from the stored one.
     """
-    out = Path(out)
-    plan = _open_plan(out, plan, resume)
+    out, main = Path(out), is_main_process()
+    plan = _open_plan(out, plan, resume) if main else plan or read_plan(out / PLAN_NAME)
     for index, member in enumerate(plan.members):
         log.info("teacher %d/%d: %s", index + 1, len(plan.members), member.name)
-        _train_member(plan, member, member_dir(out, member))
-        write_manifest(out, plan)
-    return load_manifest(out)
+        _train_member(plan, member, member_dir(out, member), main)
+        if main:
+            write_manifest(out, plan)
+    return load_manifest(out) if main else None
