@@ -142,15 +142,11 @@ def _train_options(
     return dict(locals())
 
 
-def _run_training(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    """Resolve the config from --config, flags and --set; run it (or resume it) in its run folder."""
-    from medkd.config import load_config
-    from medkd.engine.trainer import train
-
+def _config_overrides(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Dotted-key config overrides from the shared training options (only those given)."""
     o = opts
-    config, dataset, model, preset, shrink, mode = o["config"], o["dataset"], o["model"], o["preset"], o["shrink"], o["mode"]
-    patch_size, devices, run_dir, resume = o["patch_size"], o["devices"], o["run_dir"], o["resume"]
-    _setup_logging(o["verbose"])
+    dataset, model, preset, shrink, mode = o["dataset"], o["model"], o["preset"], o["shrink"], o["mode"]
+    patch_size, devices = o["patch_size"], o["devices"]
     overrides = {
         "data.dataset": str(dataset) if dataset else None, "model.name": model, "model.preset": preset,
         "model.shrink": shrink, "data.mode": mode, "data.batch_size": o["batch_size"], "data.fold": o["fold"],
@@ -163,7 +159,17 @@ def _run_training(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> 
         "train.strategy": o["strategy"], "train.precision": o["precision"],
     }
     # precedence: --set > flags > defaults passed by the command (e.g. the teacher's data settings)
-    overrides = {**(extra or {}), **{k: v for k, v in overrides.items() if v is not None}, **_parse_set(o["set_"])}
+    return {**(extra or {}), **{k: v for k, v in overrides.items() if v is not None}, **_parse_set(o["set_"])}
+
+
+def _run_training(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Resolve the config from --config, flags and --set; run it (or resume it) in its run folder."""
+    from medkd.config import load_config
+    from medkd.engine.trainer import train
+
+    config, run_dir, resume = opts["config"], opts["run_dir"], opts["resume"]
+    _setup_logging(opts["verbose"])
+    overrides = _config_overrides(opts, extra)
     if resume:
         if run_dir is None:
             raise ValueError("--resume needs --run-dir (the folder of the run to continue)")
@@ -246,6 +252,64 @@ def distill_cmd(
         extra["data.data_fraction"] = recipe_spec.data.data_fraction
     opts = {**opts, "preset": None}
     _run_training(opts, extra={**{f"data.{k}": v for k, v in base["data"].items()}, **extra})
+
+
+def _comma_list(value: Optional[str]) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",")]
+
+
+@app.command("train-teachers")
+@cli_errors
+@_command_with_training_options
+def train_teachers_cmd(
+    kind: Annotated[Optional[str], typer.Option(help="uniform (seeds), diverse (models x losses grid), subset "
+                                                "(disjoint case subsets) or multitask (default: uniform)")] = None,
+    members: Annotated[Optional[int], typer.Option(help="uniform/multitask: number of teachers (default: 3)")] = None,
+    models: Annotated[Optional[str], typer.Option(help="diverse: comma list of models (default: unet,basicunet,"
+                                                  "segresnet); other kinds: one model (like --model)")] = None,
+    losses: Annotated[Optional[str], typer.Option(help="diverse: comma list of losses (default: dice_ce,ce)")] = None,
+    subsets: Annotated[Optional[int], typer.Option(help="subset: number K of disjoint subsets (default: 3)")] = None,
+    group_by: Annotated[Optional[str], typer.Option(help="subset: case_metadata.json key whose groups stay whole, "
+                                                    "e.g. site (default: random partition)")] = None,
+    aux_weight: Annotated[Optional[float], typer.Option(help="multitask: weight of the reconstruction MSE "
+                                                        "(default: 0.5)")] = None,
+    aux_tap: Annotated[Optional[str], typer.Option(help="multitask: module to reconstruct from (see "
+                                                   "`medkd inspect-model`) (default: the bottleneck)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="teacher-set folder: plan.json, members/, teachers.json "
+                                                "(default: runs/<time>_teachers_<kind>)")] = None,
+    opts: dict[str, Any] = None,
+) -> None:
+    """Train a set of teachers (one run per member) and write their manifest OUT/teachers.json.
+
+    The options of `medkd train` set the base config shared by every member.
+
+    --resume --out OUT continues a set: finished members are skipped, an interrupted one resumes, the others start.
+
+    Options given with --resume must match OUT/plan.json; with none, the stored plan is used.
+    """
+    from medkd.config import load_config
+    from medkd.teachers.train import make_plan, train_teacher_set
+
+    _setup_logging(opts["verbose"])
+    if opts["run_dir"] is not None and out is not None and opts["run_dir"] != out:
+        raise ValueError("give the teacher-set folder once: --out (--run-dir is an alias)")
+    out, group_by = out or opts["run_dir"], None if group_by == "random" else group_by
+    overrides = _config_overrides(opts)
+    plan_options = dict(members=members, models=_comma_list(models), losses=_comma_list(losses), subsets=subsets,
+                        group_by=group_by, aux_weight=aux_weight, aux_tap=aux_tap)
+    plan = None
+    if not opts["resume"] or overrides or opts["config"] or kind or any(v is not None for v in plan_options.values()):
+        plan = make_plan(kind or "uniform", load_config(opts["config"], overrides), **plan_options)
+    if opts["resume"] and out is None:
+        raise ValueError("--resume needs --out (the teacher-set folder to continue)")
+    out = out or _default_run_dir("teachers", plan.kind)
+    teachers = train_teacher_set(out, plan, resume=opts["resume"])
+    if teachers is None:  # a non-zero rank of a distributed run
+        return
+    for member in teachers.members:
+        dice = "n/a" if member.val_dice is None else f"{member.val_dice:.4f}"
+        console.print(f"  {member.name}: {member.model}, {member.loss}, seed {member.seed}, best val Dice {dice}")
+    console.print(f"done: {len(teachers)} {teachers.kind} teacher(s); manifest {teachers.source}")
 
 
 @app.command("recipes")

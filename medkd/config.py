@@ -50,6 +50,8 @@ class DataConfig(_Strict):
     num_folds: int = Field(5, ge=2)
     group_regex: str | None = Field(None, description="keep cases whose regex match is equal in one fold")
     data_fraction: float = Field(1.0, gt=0, le=1, description="seeded subset of the training cases")
+    cases: list[str] | None = Field(None, description="train on these case ids only (chosen after the fold split; "
+                                    "data_fraction then subsets them); the validation split is unchanged")
     mode: Literal["2d", "3d"] = "2d"
     patch_size: list[int] = Field(default_factory=lambda: [128, 128])
     batch_size: int = Field(16, ge=1)
@@ -69,6 +71,12 @@ class DataConfig(_Strict):
             raise ValueError(f"data.patch_size has {len(self.patch_size)} entries but data.mode={self.mode} needs {want}")
         if any(p < 8 for p in self.patch_size):
             raise ValueError(f"data.patch_size entries must be >= 8, got {self.patch_size}")
+        if self.cases is not None:
+            if not self.cases:
+                raise ValueError("data.cases must list at least one case id (or be null for all training cases)")
+            dupes = sorted({c for c in self.cases if self.cases.count(c) > 1})
+            if dupes:
+                raise ValueError(f"data.cases lists case id(s) more than once: {', '.join(dupes)}")
         return self
 
     @property

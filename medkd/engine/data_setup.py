@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from medkd.config import DataConfig
+from medkd.config import ConfigError, DataConfig
 from medkd.data.dataset import DatasetInfo, load_dataset
 from medkd.data.preprocess import PreprocessedCase, PreprocessedStore, PreprocessingPlan, make_plan
 from medkd.data.splits import get_split, subset_cases
@@ -33,6 +33,44 @@ class TrainingData:
     val: list[PreprocessedCase]
 
 
+def _listing(ids: list[str], limit: int = 10) -> str:
+    return ", ".join(ids[:limit]) + (f" ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def select_cases(cases: list[str], train_ids: list[str], val_ids: list[str], fold: int = 0) -> list[str]:
+    """The training cases named by ``data.cases`` (sorted); they must be training cases of this fold.
+
+    Raises:
+        ConfigError: ids not in the dataset's training cases, or in this fold's validation split
+            (training on them would leak into validation); the message names ``data.cases`` and the ids.
+    """
+    train, val = set(train_ids), set(val_ids)
+    in_val = sorted(c for c in cases if c in val)
+    unknown = sorted(c for c in cases if c not in train and c not in val)
+    problems = []
+    if unknown:
+        problems.append(f"unknown training case id(s) {_listing(unknown)}")
+    if in_val:
+        problems.append(f"case id(s) {_listing(in_val)} are in the validation split of fold {fold}")
+    if problems:
+        raise ConfigError(f"data.cases: {'; '.join(problems)}")
+    return sorted(cases)
+
+
+def split_case_ids(cfg: DataConfig, dataset: DatasetInfo, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(training ids, validation ids)`` a run trains and validates on, both sorted.
+
+    The fold split (:func:`~medkd.data.splits.get_split`), then ``data.cases`` (if set), then the
+    seeded ``data.data_fraction`` subset (seed = ``train.seed``) of the training ids.
+    """
+    train_ids, val_ids = get_split(dataset, fold=cfg.fold, num_folds=cfg.num_folds, group_regex=cfg.group_regex)
+    if cfg.cases is not None:
+        train_ids = select_cases(cfg.cases, train_ids, val_ids, fold=cfg.fold)
+    if cfg.data_fraction < 1.0:
+        train_ids = subset_cases(train_ids, cfg.data_fraction, seed=seed)
+    return train_ids, val_ids
+
+
 def prepare_training_data(cfg: DataConfig, seed: int = 0, check: bool | None = None) -> TrainingData:
     """Check the dataset, split it, plan preprocessing and fill the cache (reusing what is there)."""
     if cfg.dataset is None:
@@ -43,9 +81,7 @@ def prepare_training_data(cfg: DataConfig, seed: int = 0, check: bool | None = N
         if problems:
             raise DataCheckError(root, problems)
     dataset = load_dataset(root)
-    train_ids, val_ids = get_split(dataset, fold=cfg.fold, num_folds=cfg.num_folds, group_regex=cfg.group_regex)
-    if cfg.data_fraction < 1.0:
-        train_ids = subset_cases(train_ids, cfg.data_fraction, seed=seed)
+    train_ids, val_ids = split_case_ids(cfg, dataset, seed=seed)
     train_cases = [dataset.case(i) for i in train_ids]
     val_cases = [dataset.case(i) for i in val_ids]
     plan = make_plan(dataset, train_cases, mode=cfg.mode, normalization=cfg.normalization,
