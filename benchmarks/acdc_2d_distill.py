@@ -24,31 +24,44 @@ import numpy as np
 from rich.console import Console
 
 from medkd.config import build_config
+from medkd.engine.inference import Predictor
 from medkd.engine.trainer import train
 from medkd.evaluation.report import comparison_table, write_csv, write_json
 from medkd.recipes import list_recipes, load_recipe
 
-from acdc_2d_supervised import DEFAULT_DATA, evaluate, run_config
+from acdc_2d_supervised import DEFAULT_DATA, run_config, test_scores
 
 CLASSES = ("RV", "MYO", "LV")
 
 
+def student_config(data: Path, cache: Path, seed: int, *, steps: int | None, minutes: float | None, val_every: int,
+                   teacher: Path | None = None, recipe: str | None = None) -> dict:
+    """The benchmark student (UNet student preset, batch 16, no mirroring), on labels or distilled."""
+    tree = run_config(data, "student", minutes, cache, seed)
+    tree["train"].update(max_time_min=minutes, max_steps=steps, val_every=val_every, checkpoint_every=val_every)
+    tree["data"]["augment"] = {"flip_prob": 0.0}
+    if recipe is not None:
+        spec = load_recipe(recipe)
+        tree["distill"] = {"teacher": str(teacher), "recipe": spec.model_dump(mode="json")}
+        if spec.data.data_fraction:
+            tree["data"]["data_fraction"] = spec.data.data_fraction
+    return tree
+
+
+def train_once(tree: dict, run_dir: Path) -> dict:
+    """Train (or finish, or reuse) one run; returns its result.json."""
+    if not (run_dir / "result.json").is_file():
+        train(build_config(tree), run_dir, resume=(run_dir / "last.pt").is_file())
+    return json.loads((run_dir / "result.json").read_text())
+
+
 def run_one(args, row: str, seed: int, budget: str) -> dict:
     run_dir = args.out / budget / f"{row}_seed{seed}"
-    if not (run_dir / "result.json").is_file():
-        tree = run_config(args.data, "student", args.minutes, args.out / "cache", seed)
-        tree["train"]["max_time_min"] = args.minutes if budget == "time" else None
-        tree["train"]["max_steps"] = args.steps if budget == "steps" else None
-        tree["data"]["augment"] = {"flip_prob": 0.0}
-        tree["train"]["val_every"] = tree["train"]["checkpoint_every"] = args.val_every
-        if row != "labels":
-            recipe = load_recipe(row)
-            tree["distill"] = {"teacher": str(args.teacher), "recipe": recipe.model_dump(mode="json")}
-            if recipe.data.data_fraction:
-                tree["data"]["data_fraction"] = recipe.data.data_fraction
-        train(build_config(tree), run_dir, resume=(run_dir / "last.pt").is_file())
-    result = json.loads((run_dir / "result.json").read_text())
-    metrics = evaluate(f"{budget}_{row}_seed{seed}", run_dir / "best.pt", args.data, args.out)
+    tree = student_config(args.data, args.out / "cache", seed, steps=args.steps if budget == "steps" else None,
+                          minutes=args.minutes if budget == "time" else None, val_every=args.val_every,
+                          teacher=args.teacher, recipe=None if row == "labels" else row)
+    result = train_once(tree, run_dir)
+    metrics = test_scores(f"{budget}_{row}_seed{seed}", Predictor(run_dir / "best.pt"), args.data, args.out)
     return {**metrics, "row": row, "seed": seed, "budget": budget, "steps": result["steps"],
             "s_per_step": result["elapsed_s"] / max(result["steps"], 1)}
 

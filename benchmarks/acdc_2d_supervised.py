@@ -60,29 +60,35 @@ def pipeline_ms_per_slice(predictor: Predictor, cases: list[list[Path]]) -> floa
     return statistics.median(per_slice)
 
 
-def evaluate(name: str, checkpoint: Path, dataset_root: Path, out: Path) -> dict:
+def test_scores(name: str, predictor, dataset_root: Path, out: Path) -> dict:
+    """Mean and per-class Dice / HD95 of ``predictor`` (a model or a teacher set) on the 40 test cases."""
     dataset = load_dataset(dataset_root)
-    predictor = Predictor(checkpoint)
     pred_dir = out / "predictions" / name
     predict_folder(predictor, dataset_root / "imagesTs", pred_dir, overwrite=True)
     result = evaluate_folder(pred_dir, dataset_root / "labelsTs", {v: k for k, v in dataset.labels.items()},
                              num_workers=2)
     result.save(pred_dir / "evaluation")
     summary = result.summary()
+    row = {"model": name, "mean_dice": summary["mean_foreground"]["dice_mean"],
+           "hd95": summary["mean_foreground"]["hd95_mean"]}
+    for cls in dataset.class_names[1:]:
+        row[f"dice_{cls}"] = summary[cls]["dice_mean"]
+        row[f"hd95_{cls}"] = summary[cls]["hd95_mean"]
+    return row
+
+
+def evaluate(name: str, checkpoint: Path, dataset_root: Path, out: Path) -> dict:
+    """:func:`test_scores` plus size and latency (network alone and the whole pipeline, per slice)."""
+    predictor = Predictor(checkpoint)
+    row = test_scores(name, predictor, dataset_root, out)
     cases = list(group_channel_files(dataset_root / "imagesTs", 1).values())
     slice_shape = (1, 1, 256, 224)
-    row = {
-        "model": name,
+    row.update({
         "params": count_parameters(predictor.model),
         "gmacs_slice": count_macs(predictor.model, slice_shape) / 1e9,
         "net_ms_slice": measure_latency(predictor.model, slice_shape, repeats=20)["median_ms"],
         "pipeline_ms_slice": pipeline_ms_per_slice(predictor, cases),
-        "mean_dice": summary["mean_foreground"]["dice_mean"],
-        "hd95": summary["mean_foreground"]["hd95_mean"],
-    }
-    for cls in dataset.class_names[1:]:
-        row[f"dice_{cls}"] = summary[cls]["dice_mean"]
-        row[f"hd95_{cls}"] = summary[cls]["hd95_mean"]
+    })
     return row
 
 
