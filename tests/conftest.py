@@ -44,3 +44,20 @@ def _tiny_config(dataset: Path, cache: Path, **train) -> dict:
         "train": {"max_steps": 6, "val_every": 1000, "checkpoint_every": 3, "log_every": 1,
                   "progress": False, "tensorboard": False, "seed": 3, **train},
     }
+
+
+class InterruptAt:
+    """A trainer callback that simulates a killed run: raises right after step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step, terms):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="session")
+def interrupt_at():
+    """The :class:`InterruptAt` callback class (``callbacks=[interrupt_at(4)]``)."""
+    return InterruptAt

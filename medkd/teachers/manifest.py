@@ -11,7 +11,7 @@ code downstream never distinguishes the cases.
      "kind": "uniform" | "diverse" | "subset" | "multitask" | "single",
      "labels": {"background": 0, ...},
      "members": [{"name": "unet_seed0", "checkpoint": "members/unet_seed0/best.pt",
-                  "val_dice": 0.87, "model": "unet", "loss": "dicece", "seed": 0,
+                  "val_dice": 0.87, "model": "unet", "loss": "dice_ce", "seed": 0,
                   "cases": null | ["case_001", ...], "info": {...}}, ...]}
 
 Members are listed in a fixed order; that order is the member axis ``M`` of stacked outputs

@@ -68,17 +68,8 @@ def test_teacher_mismatch_is_reported():
         check_teacher(state, {"background": 0, "b": 1}, in_channels=2, spatial_dims=3, source="t.pt")
 
 
-class _InterruptAt:
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, step, terms):
-        if step == self.step:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.slow
-def test_distill_cli_lowers_loss_and_resumes(phantoms_2d, tmp_path, tiny_config):
+def test_distill_cli_lowers_loss_and_resumes(phantoms_2d, tmp_path, tiny_config, interrupt_at):
     teacher_cfg = build_config(tiny_config(phantoms_2d, tmp_path / "cache", max_steps=30, lr=0.01))
     teacher_cfg.model.preset, teacher_cfg.model.shrink = "teacher", 2
     train(teacher_cfg, tmp_path / "teacher")
@@ -100,7 +91,7 @@ def test_distill_cli_lowers_loss_and_resumes(phantoms_2d, tmp_path, tiny_config)
     cfg = build_config(ckpt["config"])
     cfg.train.precision = "auto"
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", callbacks=[_InterruptAt(4)])
+        train(cfg, tmp_path / "cut", callbacks=[interrupt_at(4)])
     assert CliRunner().invoke(app, ["distill", "--teacher", "x", "--run-dir", str(tmp_path / "cut"), "--resume"]).exit_code == 0
     resumed = load_checkpoint(tmp_path / "cut" / "last.pt")
     for key, value in ckpt["state_dict"].items():

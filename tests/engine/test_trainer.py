@@ -14,17 +14,6 @@ from medkd.engine.checkpoint import load_checkpoint
 from medkd.engine.trainer import RunDirError, Trainer, train
 
 
-class InterruptAt:
-    """Simulates a killed run: raises right after step ``step`` (its checkpoint is on disk)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, terms):
-        if step == self.step:
-            raise KeyboardInterrupt
-
-
 def _losses(run_dir):
     with open(run_dir / "train_log.csv") as handle:
         return [float(row["loss"]) for row in csv.DictReader(handle)]
@@ -43,11 +32,11 @@ def test_loss_decreases_on_tiny_set(phantoms_2d, tmp_path, tiny_config):
     assert ckpt["step"] == 40 and ckpt["model_spec"]["preset"] == "student"
 
 
-def test_resume_after_interruption_gives_same_weights(phantoms_2d, tmp_path, tiny_config):
+def test_resume_after_interruption_gives_same_weights(phantoms_2d, tmp_path, tiny_config, interrupt_at):
     cfg = build_config(tiny_config(phantoms_2d, tmp_path / "cache"))
     train(cfg, tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path / "cut", callbacks=[InterruptAt(4)]).fit()
+        Trainer(cfg, tmp_path / "cut", callbacks=[interrupt_at(4)]).fit()
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 3  # killed after step 4, saved at 3
     train(None, tmp_path / "cut", resume=True)
     full = load_checkpoint(tmp_path / "full" / "last.pt")

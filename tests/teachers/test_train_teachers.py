@@ -96,17 +96,8 @@ def test_plan_round_trips_and_differences_name_the_key():
 # ----------------------------------------------------------------------------- training
 
 
-class InterruptAt:
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, trainer, step, terms):
-        if step == self.step:
-            raise KeyboardInterrupt
-
-
 @pytest.fixture
-def recorded_train(monkeypatch):
+def recorded_train(monkeypatch, interrupt_at):
     """Wraps the trainer: records (member, resume) and kills the second member after step 3 once."""
     calls, killed, real = [], [], tt.train
 
@@ -114,7 +105,7 @@ def recorded_train(monkeypatch):
         calls.append((run_dir.name, resume))
         if run_dir.name.endswith("seed4") and not killed:
             killed.append(run_dir.name)
-            kwargs["callbacks"] = [InterruptAt(3)]
+            kwargs["callbacks"] = [interrupt_at(3)]
         return real(config, run_dir, resume=resume, **kwargs)
 
     monkeypatch.setattr(tt, "train", fake)
