@@ -61,7 +61,8 @@ def run_one(args, row: str, seed: int, budget: str) -> dict:
                           minutes=args.minutes if budget == "time" else None, val_every=args.val_every,
                           teacher=args.teacher, recipe=None if row == "labels" else row)
     result = train_once(tree, run_dir)
-    metrics = test_scores(f"{budget}_{row}_seed{seed}", Predictor(run_dir / "best.pt"), args.data, args.out)
+    metrics = test_scores(f"{budget}_{row}_seed{seed}", Predictor(run_dir / "best.pt"), args.data, args.out,
+                          reuse_after=run_dir / "best.pt")
     return {**metrics, "row": row, "seed": seed, "budget": budget, "steps": result["steps"],
             "s_per_step": result["elapsed_s"] / max(result["steps"], 1)}
 

@@ -13,6 +13,7 @@ Not a test: it takes ``2 x minutes`` plus a few minutes of evaluation on 2 CPU c
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -60,15 +61,22 @@ def pipeline_ms_per_slice(predictor: Predictor, cases: list[list[Path]]) -> floa
     return statistics.median(per_slice)
 
 
-def test_scores(name: str, predictor, dataset_root: Path, out: Path) -> dict:
-    """Mean and per-class Dice / HD95 of ``predictor`` (a model or a teacher set) on the 40 test cases."""
+def test_scores(name: str, predictor, dataset_root: Path, out: Path, reuse_after: Path | None = None) -> dict:
+    """Mean and per-class Dice / HD95 of ``predictor`` (a model or a teacher set) on the 40 test cases.
+
+    With ``reuse_after`` (the model's checkpoint), a stored evaluation newer than that file is reused.
+    """
     dataset = load_dataset(dataset_root)
     pred_dir = out / "predictions" / name
-    predict_folder(predictor, dataset_root / "imagesTs", pred_dir, overwrite=True)
-    result = evaluate_folder(pred_dir, dataset_root / "labelsTs", {v: k for k, v in dataset.labels.items()},
-                             num_workers=2)
-    result.save(pred_dir / "evaluation")
-    summary = result.summary()
+    stored = pred_dir / "evaluation" / "summary.json"
+    if reuse_after is not None and stored.is_file() and stored.stat().st_mtime > Path(reuse_after).stat().st_mtime:
+        summary = json.loads(stored.read_text())
+    else:
+        predict_folder(predictor, dataset_root / "imagesTs", pred_dir, overwrite=True)
+        result = evaluate_folder(pred_dir, dataset_root / "labelsTs", {v: k for k, v in dataset.labels.items()},
+                                 num_workers=2)
+        result.save(pred_dir / "evaluation")
+        summary = result.summary()
     row = {"model": name, "mean_dice": summary["mean_foreground"]["dice_mean"],
            "hd95": summary["mean_foreground"]["hd95_mean"]}
     for cls in dataset.class_names[1:]:

@@ -24,7 +24,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 
 from medkd.config import build_config
@@ -61,7 +60,8 @@ def train_sets(args) -> dict[str, Path]:
 
 def score(args, name: str, path: Path, cache: dict) -> dict:
     if name not in cache:
-        cache[name] = test_scores(name, load_predictor(path), args.data, args.out)
+        checkpoint = path if path.suffix == ".pt" else path / "teachers.json"
+        cache[name] = test_scores(name, load_predictor(path), args.data, args.out, reuse_after=checkpoint)
     return cache[name]
 
 
@@ -72,7 +72,8 @@ def student(args, name: str, seed: int, teacher: Path | None, recipe: str | None
     tree = student_config(args.data, args.out / "cache", seed, steps=args.student_steps, minutes=None,
                           val_every=args.student_steps // 2, teacher=teacher, recipe=recipe)
     result = train_once(tree, run_dir)
-    row = test_scores(f"student_{name}_seed{seed}", load_predictor(run_dir / "best.pt"), args.data, args.out)
+    row = test_scores(f"student_{name}_seed{seed}", load_predictor(run_dir / "best.pt"), args.data, args.out,
+                      reuse_after=run_dir / "best.pt")
     return {**row, "seed": seed, "steps": result["steps"], "s_per_step": result["elapsed_s"] / result["steps"]}
 
 
@@ -105,7 +106,6 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.data / "dataset.json").is_file():
         raise SystemExit(f"ACDC not found at {args.data} (expected nnU-Net raw format with dataset.json)")
-    torch.set_num_threads(2)
     console = Console(width=200)
     folders = train_sets(args)
     scores: dict[str, dict] = {}
