@@ -98,9 +98,11 @@ def run_demo(out_root: Path, teacher_minutes: float = 1.2, student_minutes: floa
         cfg = build_config(_train_config(data, model, budgets[name], out / "cache"))
         rows.append((name, train(cfg, out / name).run_dir / "best.pt"))
     for recipe in recipes:
-        console.print(f"[bold]2/3[/] distilling the student with {recipe} ({student_minutes} min, live teacher)")
+        spec = load_recipe(recipe)
+        source = "cached teacher outputs" if spec.uses_cache else "live teacher"
+        console.print(f"[bold]2/3[/] distilling the student with {recipe} ({student_minutes} min, {source})")
         tree = _train_config(data, dict(MODELS)["student"], student_minutes, out / "cache")
-        tree["distill"] = {"teacher": str(rows[0][1]), "recipe": load_recipe(recipe).model_dump(mode="json")}
+        tree["distill"] = {"teacher": str(rows[0][1]), "recipe": spec.model_dump(mode="json")}
         rows.append((f"student+{recipe}", train(build_config(tree), out / f"student_{recipe}").run_dir / "best.pt"))
     console.print("[bold]3/3[/] predicting and evaluating the held-out cases")
     table_rows = [_evaluate_model(name, ckpt, data, out) for name, ckpt in rows]
