@@ -119,7 +119,16 @@ class Recipe(_Strict):
     @property
     def uses_cache(self) -> bool:
         """Teacher outputs come from the cache (no live teacher): logit terms only, a cacheable rule."""
-        return self.teachers.cache and not self.needs_teacher_features and self.teachers.combine != "mean_loss"
+        return (self.teachers.cache and not self.needs_teacher_features and self.teachers.combine != "mean_loss"
+                and not self.needs_uncertainty)
+
+    @property
+    def needs_uncertainty(self) -> bool:
+        """A term regresses the ensemble's uncertainty map (computed from live members, not cached)."""
+        from medkd.losses.distill_registry import DISTILL_LOSSES
+
+        return any(getattr(DISTILL_LOSSES[t.loss], "inputs", "logits") == "logits+uncertainty"
+                   for t in self.terms.values())
 
 
 def list_recipes() -> list[str]:

@@ -28,7 +28,7 @@ from medkd.losses.distill_registry import DISTILL_LOSSES
 from medkd.models.taps import FeatureTaps, discover_stages, list_tappable
 from medkd.recipes import DistillTerm, Recipe
 from medkd.teachers.cache import TargetSpec, TeacherOutputCache
-from medkd.teachers.combine import dice_member_weights, target_logits
+from medkd.teachers.combine import dice_member_weights, target_logits, voxel_uncertainty
 from medkd.teachers.manifest import load_frozen, open_teachers
 
 
@@ -130,6 +130,8 @@ class Distiller(nn.Module):
         members = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
         if not members:
             raise ValueError("a Distiller needs at least one teacher")
+        if recipe.needs_uncertainty and len(members) < 2:
+            raise ValueError("an uncertainty term regresses the disagreement of a teacher set: give 2+ teachers")
         self.network = student
         self.teachers = nn.ModuleList(t.eval().requires_grad_(False) for t in members)
         self.recipe = recipe
@@ -222,7 +224,9 @@ class Distiller(nn.Module):
         s_logits = s_out[:, 0] if s_out.ndim == image.ndim + 1 else s_out  # deep supervision: full-res head
         out = {"seg": self.recipe.supervised.weight * self.supervised(s_out, label)}
         for name, modules in self.terms.items():
-            if name not in self.taps:
+            if getattr(modules[0], "inputs", "logits") == "logits+uncertainty":
+                value = modules[0](s_logits, voxel_uncertainty(torch.softmax(members.float(), dim=2)))
+            elif name not in self.taps:
                 value = self._logit_term(modules[0], s_logits, members, cached)
             else:
                 value = 0.0

@@ -4,6 +4,7 @@ Every class has an ``inputs`` attribute telling a composite loss how to call it:
 
 * ``"logits"``: ``loss(student_logits, teacher_logits)``;
 * ``"features"``: ``loss(student_feats, teacher_feats)`` (sequences, one tensor per scale);
+* ``"logits+uncertainty"``: ``loss(student_logits, ensemble_uncertainty)`` (several live teachers);
 * ``"features+label"``: ``loss(student_feats, teacher_feats, label)``.
 """
 
@@ -15,12 +16,17 @@ import torch.nn as nn
 
 from medkd.losses.contrastive import SupervisedInfoNCELoss
 from medkd.losses.features import AttentionTransferLoss, FeatureDistillationLoss, PairwiseSKDLoss
-from medkd.losses.logits import ChannelWiseDistillationLoss, KLDivergenceLoss, ProbabilityMSELoss
+from medkd.losses.logits import (
+    ChannelWiseDistillationLoss,
+    KLDivergenceLoss,
+    ProbabilityMSELoss,
+    UncertaintyRegressionLoss,
+)
 from medkd.losses.regions import MSCALoss, MSSARDLoss, RegionAffinityLoss
 
 __all__ = ["DISTILL_INPUTS", "DISTILL_LOSSES", "build_distill_loss", "describe"]
 
-DISTILL_INPUTS = ("logits", "features", "features+label")
+DISTILL_INPUTS = ("logits", "logits+uncertainty", "features", "features+label")
 
 DISTILL_LOSSES: dict[str, type[nn.Module]] = {
     "kl": KLDivergenceLoss,
@@ -33,6 +39,7 @@ DISTILL_LOSSES: dict[str, type[nn.Module]] = {
     "ms_ca": MSCALoss,
     "region_affinity": RegionAffinityLoss,
     "contrastive": SupervisedInfoNCELoss,
+    "uncertainty": UncertaintyRegressionLoss,
 }
 
 

@@ -11,7 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ChannelWiseDistillationLoss", "KLDivergenceLoss", "ProbabilityMSELoss", "check_logit_pair"]
+__all__ = [
+    "ChannelWiseDistillationLoss",
+    "KLDivergenceLoss",
+    "ProbabilityMSELoss",
+    "UncertaintyRegressionLoss",
+    "check_logit_pair",
+]
 
 
 def check_logit_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -186,3 +192,36 @@ class ChannelWiseDistillationLoss(nn.Module):
         log_pt = F.log_softmax(teacher_logits.detach().reshape(batch, channels, -1) / t, dim=-1)
         kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)  # (B, C)
         return t * t * kl.mean()
+
+
+class UncertaintyRegressionLoss(nn.Module):
+    r"""The student also regresses the ensemble's per-voxel uncertainty map (ensemble paper option).
+
+    A 1x1 convolution head (trainable, kept in ``extra_state``, not deployed) maps the student's
+    logits to ``u_hat = 0.5 * sigmoid(head(z_s))`` in ``[0, 0.5]``; the target is the ensemble's
+    ``u(x) = mean_c std_m p_m,c(x)`` (:func:`medkd.teachers.combine.voxel_uncertainty`, population
+    std of member probabilities at ``T = 1``). ``loss = mean over voxels (u_hat - u)^2``.
+
+    Args:
+        num_classes: ``C``, the channels of the student logits.
+        spatial_dims: 2 or 3.
+
+    Shapes: ``student_logits (B, C, *spatial)``, ``uncertainty (B, 1, *spatial)`` -> scalar.
+    The target is detached; gradients reach the head and, through the logits, the student.
+    """
+
+    inputs = "logits+uncertainty"
+
+    def __init__(self, num_classes: int, spatial_dims: int = 2) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.head = conv(int(num_classes), 1, kernel_size=1)
+
+    def forward(self, student_logits: torch.Tensor, uncertainty: torch.Tensor) -> torch.Tensor:
+        if uncertainty.shape != (student_logits.shape[0], 1, *student_logits.shape[2:]):
+            raise ValueError(f"uncertainty {tuple(uncertainty.shape)} must be (B, 1, *spatial) of the student "
+                             f"logits {tuple(student_logits.shape)}.")
+        predicted = 0.5 * torch.sigmoid(self.head(student_logits))
+        return (predicted - uncertainty.detach().to(predicted.dtype)).pow(2).mean()

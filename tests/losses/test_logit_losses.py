@@ -211,12 +211,13 @@ def test_cwd_adapter(spatial_dims):
 
 
 def test_distill_registry():
-    from medkd.losses.distill_registry import DISTILL_LOSSES, build_distill_loss, describe
+    from medkd.losses.distill_registry import DISTILL_INPUTS, DISTILL_LOSSES, build_distill_loss, describe
 
     expected = {"kl", "prob_mse", "cwd", "feature", "attention", "skd", "ms_sard", "ms_ca", "region_affinity",
-                "contrastive"}
+                "contrastive", "uncertainty"}
     assert set(DISTILL_LOSSES) == expected
-    assert all(cls.inputs in ("logits", "features", "features+label") for cls in DISTILL_LOSSES.values())
+    assert all(cls.inputs in DISTILL_INPUTS for cls in DISTILL_LOSSES.values())
+    assert DISTILL_LOSSES["uncertainty"].inputs == "logits+uncertainty"
     assert DISTILL_LOSSES["kl"].inputs == "logits" and DISTILL_LOSSES["skd"].inputs == "features"
     assert DISTILL_LOSSES["ms_sard"].inputs == "features+label"
     kl = build_distill_loss("kl", temperature=2.0)

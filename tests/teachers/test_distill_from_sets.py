@@ -51,3 +51,49 @@ def test_adaptive_multi_teacher_has_one_adapter_set_per_member(subset_set):
     per_member = {key.split(".")[1] for key in extra if key.startswith("features.")}
     assert per_member == {str(i) for i in range(len(members))}
     assert all(torch.isfinite(v).all() for v in extra.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_uncertainty_regression_against_a_float64_loop(dims):
+    import numpy as np
+
+    from medkd.losses.logits import UncertaintyRegressionLoss
+
+    torch.manual_seed(0)
+    loss = UncertaintyRegressionLoss(num_classes=3, spatial_dims=dims).double()
+    shape = (2, 3, 4, 5) if dims == 2 else (2, 3, 2, 3, 4)
+    z = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    u = torch.rand((shape[0], 1, *shape[2:]), dtype=torch.float64) * 0.5
+    value = loss(z, u)
+    w = loss.head.weight.detach().reshape(-1).numpy()
+    bias = float(loss.head.bias.detach())
+    zn, un, total = z.detach().numpy(), u.numpy(), 0.0
+    voxels = list(np.ndindex(zn.shape[0], *zn.shape[2:]))
+    for b, *sp in voxels:
+        logit = sum(w[c] * zn[(b, c, *sp)] for c in range(3)) + bias
+        total += (0.5 / (1 + np.exp(-logit)) - un[(b, 0, *sp)]) ** 2
+    assert abs(float(value) - total / len(voxels)) < 1e-12
+    value.backward()
+    assert z.grad.abs().sum() > 0 and loss.head.weight.grad.abs().sum() > 0
+
+
+def test_distiller_regresses_the_ensemble_uncertainty_live():
+    from medkd.engine.distill import Distiller
+    from medkd.models import create
+    from medkd.recipes import recipe_from_dict
+
+    torch.manual_seed(0)
+    recipe = recipe_from_dict({"name": "r", "paper": "p", "terms": {
+        "soft": {"loss": "prob_mse", "weight": 1.0}, "unc": {"loss": "uncertainty", "weight": 1.0}}})
+    assert not recipe.uses_cache and recipe.needs_uncertainty
+    teachers = [create("unet", 2, 1, 3, preset="student") for _ in range(2)]
+    distiller = Distiller(create("unet", 2, 1, 3, preset="student"), teachers, recipe, spatial_dims=2,
+                          in_channels=1, num_classes=3)
+    terms = distiller({"image": torch.randn(2, 1, 32, 32), "label": torch.zeros(2, 1, 32, 32, dtype=torch.long)})
+    assert torch.isfinite(terms["unc"]) and terms["unc"] > 0
+    terms["loss"].backward()
+    assert distiller.terms["unc"][0].head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for t in distiller.teachers for p in t.parameters())
+    with pytest.raises(ValueError, match="2\\+ teachers"):
+        Distiller(create("unet", 2, 1, 3, preset="student"), teachers[:1], recipe, spatial_dims=2, in_channels=1,
+                  num_classes=3)
