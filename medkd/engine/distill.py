@@ -24,11 +24,12 @@ from torch import nn
 
 from medkd.config import RunConfig
 from medkd.losses import DeepSupervisionLoss, build_supervised_loss
+from medkd.losses.supervised import full_resolution_head
 from medkd.losses.distill_registry import DISTILL_LOSSES
 from medkd.models.taps import FeatureTaps, discover_stages, list_tappable
 from medkd.recipes import DistillTerm, Recipe
 from medkd.teachers.cache import TargetSpec, TeacherOutputCache
-from medkd.teachers.combine import dice_member_weights, target_logits, voxel_uncertainty
+from medkd.teachers.combine import dice_member_weights, normalised_member_weights, target_logits, voxel_uncertainty
 from medkd.teachers.manifest import load_frozen, open_teachers
 
 
@@ -135,7 +136,8 @@ class Distiller(nn.Module):
         self.network = student
         self.teachers = nn.ModuleList(t.eval().requires_grad_(False) for t in members)
         self.recipe = recipe
-        self.register_buffer("member_weights", _normalised(member_weights, len(members)), persistent=False)
+        weights = normalised_member_weights(member_weights, len(members), torch.empty(0))
+        self.register_buffer("member_weights", weights, persistent=False)
         self.soft_targets: list | None = None
         sup = recipe.supervised
         self.supervised = DeepSupervisionLoss(build_supervised_loss(sup.loss, **sup.options))
@@ -197,7 +199,7 @@ class Distiller(nn.Module):
         with torch.inference_mode():
             for teacher, taps in zip(self.teachers, self._teacher_taps):
                 out = teacher(image)
-                logits.append(out[:, 0] if out.ndim == image.ndim + 1 else out)
+                logits.append(full_resolution_head(out, image.ndim))
                 feats.append(dict(taps.features) if taps else {})
         # inference tensors cannot be saved for backward: clone them into ordinary tensors
         return torch.stack(logits).clone(), [{k: v.clone() for k, v in f.items()} for f in feats]
@@ -221,7 +223,7 @@ class Distiller(nn.Module):
         members, t_feats = (None, None) if cached is not None else self._teachers_forward(image)
         s_out = self.network(image)
         s_feats = dict(self._student_taps.features) if self._student_taps else {}
-        s_logits = s_out[:, 0] if s_out.ndim == image.ndim + 1 else s_out  # deep supervision: full-res head
+        s_logits = full_resolution_head(s_out, image.ndim)
         out = {"seg": self.recipe.supervised.weight * self.supervised(s_out, label)}
         for name, modules in self.terms.items():
             if getattr(modules[0], "inputs", "logits") == "logits+uncertainty":
@@ -237,15 +239,6 @@ class Distiller(nn.Module):
             out[name] = self.recipe.terms[name].weight * value
         total = sum(out.values())
         return {"loss": total, **{k: v.detach() for k, v in out.items()}}
-
-
-def _normalised(weights: Sequence[float] | None, count: int) -> torch.Tensor:
-    if weights is None:
-        return torch.full((count,), 1.0 / count)
-    w = torch.as_tensor(list(weights), dtype=torch.float32)
-    if w.numel() != count or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"member_weights must be {count} non-negative numbers, not all zero; got {list(weights)}")
-    return w / w.sum()
 
 
 def _cache_device(cfg: RunConfig) -> str:

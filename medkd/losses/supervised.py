@@ -282,6 +282,15 @@ class DeepSupervisionLoss(nn.Module):
         return sum(w * self.base(logits[:, k], target) for k, w in enumerate(weights) if w > 0)
 
 
+def full_resolution_head(output: torch.Tensor, input_ndim: int) -> torch.Tensor:
+    """The full-resolution logits ``(B, C, *spatial)`` of a network output for an input of ``input_ndim``.
+
+    Deep-supervised outputs ``(B, K, C, *spatial)`` (one more axis than the input) give head 0;
+    plain logits are returned as they are.
+    """
+    return output[:, 0] if output.ndim == input_ndim + 1 else output
+
+
 # ----------------------------------------------------------------------------- factory
 
 _LOSSES: dict[str, type[nn.Module]] = {

@@ -41,6 +41,7 @@ from torch import nn
 
 from medkd.data.preprocess import PreprocessedCase, PreprocessingPlan, default_cache_root
 from medkd.engine.checkpoint import atomic_write_numpy, atomic_write_text
+from medkd.losses.supervised import full_resolution_head
 from medkd.models.taps import list_tappable
 from medkd.teachers.combine import COMBINATION_RULES, target_logits
 from medkd.teachers.manifest import TeacherSet
@@ -100,7 +101,7 @@ def member_logits(networks: Sequence[nn.Module], image: torch.Tensor, *, mode: s
             out = network(padded)[..., ph // 2: ph // 2 + h, pw // 2: pw // 2 + w]
         else:
             out = sliding_window_inference(image, list(patch_size), 2, network, overlap=0.5, mode="gaussian")
-        outputs.append(out[:, 0] if out.ndim == image.ndim + 1 else out)  # deep supervision: full-res head
+        outputs.append(full_resolution_head(out, image.ndim))
     return torch.stack(outputs)
 
 

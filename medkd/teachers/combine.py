@@ -40,6 +40,7 @@ __all__ = [
     "dice_member_weights",
     "mean_logits",
     "mean_probabilities",
+    "normalised_member_weights",
     "target_logits",
     "member_uncertainty",
     "voxel_uncertainty",
@@ -73,7 +74,7 @@ def _check_temperature(value: float, name: str = "temperature") -> float:
     return float(value)
 
 
-def _member_weights(
+def normalised_member_weights(
     member_weights: MemberWeights, num_members: int, like: torch.Tensor
 ) -> torch.Tensor:
     """Per-member weights ``(M,)`` normalised to sum to one (uniform when ``None``), on ``like``'s dtype/device."""
@@ -118,7 +119,7 @@ def mean_probabilities(
     """
     check_member_stack(logits)
     t = _check_temperature(temperature)
-    w = _member_weights(member_weights, logits.shape[0], logits)
+    w = normalised_member_weights(member_weights, logits.shape[0], logits)
     probs = torch.softmax(logits / t, dim=2)
     return (_broadcast_members(w, probs.ndim) * probs).sum(dim=0)
 
@@ -149,7 +150,7 @@ def mean_logits(
     """
     check_member_stack(logits)
     t = _check_temperature(temperature)
-    w = _member_weights(member_weights, logits.shape[0], logits)
+    w = normalised_member_weights(member_weights, logits.shape[0], logits)
     mean = (_broadcast_members(w, logits.ndim) * logits).sum(dim=0)
     return torch.softmax(mean / t, dim=1)
 
@@ -210,7 +211,7 @@ def confidence_weights(
     """
     check_member_stack(logits)
     tw = _check_temperature(temperature_w, "temperature_w")
-    w = _member_weights(member_weights, logits.shape[0], logits)
+    w = normalised_member_weights(member_weights, logits.shape[0], logits)
     log_p = F.log_softmax(logits, dim=2)
     confidence = (log_p.exp() * log_p).sum(dim=2, keepdim=True)  # (M, B, 1, *spatial), <= 0
     score = confidence / tw + _broadcast_members(w.log(), confidence.ndim)  # log 0 = -inf -> weight 0
@@ -316,7 +317,7 @@ def target_logits(rule: str, logits: torch.Tensor, temperature: float = 1.0, **o
     check_member_stack(logits)
     t = _check_temperature(temperature)
     if logits.shape[0] == 1 or rule == "mean_logits":
-        w = _member_weights(options.get("member_weights"), logits.shape[0], logits)
+        w = normalised_member_weights(options.get("member_weights"), logits.shape[0], logits)
         return (_broadcast_members(w, logits.ndim) * logits).sum(dim=0)
     probs = combine(rule, logits, temperature=t, **options)
     return t * probs.clamp_min(1e-12).log()
