@@ -135,6 +135,13 @@ def _train_options(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override any key: train.val_every=100")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="output folder (default runs/<time>_<model>_<preset>)")] = None,
     data_fraction: Annotated[Optional[float], typer.Option(help="train on a seeded subset of the training cases")] = None,
+    labeled_cases: Annotated[Optional[int], typer.Option(help="few labels: keep the labels of N training cases "
+                                                         "(whole data.group_regex groups); distill uses the "
+                                                         "other cases as unlabelled images")] = None,
+    labeled_fraction: Annotated[Optional[float], typer.Option(help="few labels: like --labeled-cases, as a "
+                                                              "fraction of the training cases")] = None,
+    unlabeled: Annotated[Optional[list[Path]], typer.Option(help="distill: folder of unlabelled images "
+                                                            "(CASE_XXXX<ending>); repeatable")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --run-dir from last.pt")] = False,
     verbose: bool = False,
 ) -> dict[str, Any]:
@@ -152,6 +159,8 @@ def _config_overrides(opts: dict[str, Any], extra: dict[str, Any] | None = None)
         "model.shrink": shrink, "data.mode": mode, "data.batch_size": o["batch_size"], "data.fold": o["fold"],
         "data.patch_size": [int(v) for v in patch_size.split(",")] if patch_size else None,
         "data.num_workers": o["num_workers"], "data.data_fraction": o["data_fraction"], "train.loss": o["loss"],
+        "data.labeled_cases": o["labeled_cases"], "data.labeled_fraction": o["labeled_fraction"],
+        "data.unlabeled": [str(p) for p in o["unlabeled"]] if o["unlabeled"] else None,
         "train.optimizer": o["optimizer"], "train.lr": o["lr"], "train.max_steps": o["max_steps"],
         "train.max_epochs": o["max_epochs"], "train.max_time_min": o["max_time_min"], "train.val_every": o["val_every"],
         "train.seed": o["seed"], "train.accelerator": o["accelerator"],

@@ -52,6 +52,16 @@ class DataConfig(_Strict):
     data_fraction: float = Field(1.0, gt=0, le=1, description="seeded subset of the training cases")
     cases: list[str] | None = Field(None, description="train on these case ids only (chosen after the fold split; "
                                     "data_fraction then subsets them); the validation split is unchanged")
+    labeled_cases: int | None = Field(None, ge=1, description="few-label runs: keep the labels of this many training "
+                                      "cases (whole group_regex groups, seeded by labeled_seed); the other training "
+                                      "cases become unlabelled images")
+    labeled_fraction: float | None = Field(None, gt=0, le=1, description="like labeled_cases, as a fraction")
+    labeled_seed: int = Field(0, description="seed of the labelled-case choice (independent of train.seed, so a "
+                              "teacher and its students keep the same labels)")
+    unlabeled: list[Path] = Field(default_factory=list, description="folders of images without labels (nnU-Net "
+                                  "naming CASE_XXXX<file_ending>); distillation terms also train on them")
+    unlabeled_ratio: float = Field(0.5, ge=0, lt=1, description="distillation: share of each batch drawn from the "
+                                   "unlabelled images (when there are any); the supervised term sees only labelled samples")
     mode: Literal["2d", "3d"] = "2d"
     patch_size: list[int] = Field(default_factory=lambda: [128, 128])
     batch_size: int = Field(16, ge=1)
@@ -71,6 +81,8 @@ class DataConfig(_Strict):
             raise ValueError(f"data.patch_size has {len(self.patch_size)} entries but data.mode={self.mode} needs {want}")
         if any(p < 8 for p in self.patch_size):
             raise ValueError(f"data.patch_size entries must be >= 8, got {self.patch_size}")
+        if self.labeled_cases is not None and self.labeled_fraction is not None:
+            raise ValueError("give data.labeled_cases or data.labeled_fraction, not both")
         if self.cases is not None:
             if not self.cases:
                 raise ValueError("data.cases must list at least one case id (or be null for all training cases)")
@@ -82,6 +94,11 @@ class DataConfig(_Strict):
     @property
     def spatial_dims(self) -> int:
         return 2 if self.mode == "2d" else 3
+
+    @property
+    def few_labels(self) -> bool:
+        """Whether only part of the training cases keep their labels."""
+        return self.labeled_cases is not None or self.labeled_fraction is not None
 
 
 class ModelConfig(_Strict):

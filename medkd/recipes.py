@@ -7,7 +7,7 @@ A recipe file (``recipes/*.yaml``) looks like::
     description: supervised Dice+CE plus temperature-softened KL to the teacher
     supervised: {loss: dice_ce, weight: 1.0}
     terms:
-      kl: {loss: kl, weight: 0.5, options: {temperature: 4.0}}
+      kl: {loss: kl, weight: 0.5, warmup_steps: 0, options: {temperature: 4.0}}
     data: {data_fraction: 1.0}          # optional data overrides (e.g. 0.5 for the contrastive paper)
     teachers: {combine: mean_prob, member_weights: uniform, cache: true}   # optional, see TeacherOptions
 
@@ -44,6 +44,7 @@ class SupervisedTerm(_Strict):
 class DistillTerm(_Strict):
     loss: str
     weight: float = Field(ge=0)
+    warmup_steps: int = Field(0, ge=0, description="linear ramp of the weight: w * min(1, (step + 1) / warmup_steps)")
     options: dict[str, Any] = Field(default_factory=dict)
     taps: StageSelector | None = None
     student_taps: list[str] | None = None

@@ -21,6 +21,7 @@ per-case metadata such as the acquisition site; ids not in the dataset are ignor
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,25 @@ def _discover(images: Path, labels: Path, ending: str, channels: int, labelled: 
         for cid in ids
         if not cid.startswith(".")
     ]
+
+
+def image_folder_cases(folder: PathLike, dataset: DatasetInfo, *, prefixed: bool = True) -> list[Case]:
+    """Unlabelled cases of an images-only folder named as nnU-Net names images (``CASE_XXXX<file_ending>``).
+
+    With ``prefixed`` the case ids become ``u<6 hex of the folder path>_CASE`` so that they never collide
+    with the dataset's own cases (preprocessing and teacher-output caches are keyed by case id). The
+    folder is not read here: :func:`medkd.data.validate.check_image_folder` checks its files.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"unlabelled image folder {folder} does not exist")
+    cases = _discover(folder, folder, dataset.file_ending, dataset.num_channels, labelled=False)
+    if prefixed:
+        tag = "u" + hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:6]
+        for case in cases:
+            case.case_id = f"{tag}_{case.case_id}"
+            case.metadata = {**case.metadata, "unlabeled_folder": str(folder)}
+    return cases
 
 
 def _load_nnunet(root: Path, d: dict[str, Any], src: Path) -> DatasetInfo:

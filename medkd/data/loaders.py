@@ -25,7 +25,7 @@ from monai.transforms import (
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medkd.config import AugmentConfig
-from medkd.data.preprocess import PreprocessedCase
+from medkd.data.preprocess import PreprocessedCase, class_locations
 
 
 def build_augmentation(cfg: AugmentConfig, spatial_dims: int, image_keys: Sequence[str] = ("image",),
@@ -71,22 +71,29 @@ class PatchDataset(Dataset):
     2D mode: one slice, cropped/padded to ``patch_size`` (y, x). 3D mode: a (z, y, x) patch.
     With probability ``oversample`` a patch is centred (with jitter) on a random voxel of a random
     foreground class present in the case, so rare structures are seen often (nnU-Net's scheme).
-    Items: ``{"image": (C, *patch) float32, "label": (1, *patch) int64, "case": index}``, plus
-    ``"teacher": (K, *patch) float32`` when ``soft_targets`` (one cached teacher target per case,
-    see :mod:`medkd.teachers.cache`) are given: cropped with the same window and moved by the same
-    spatial augmentation as image and label.
+    Items: ``{"image": (C, *patch) float32, "label": (1, *patch) int64, "labeled": bool, "case": index}``,
+    plus ``"teacher": (K, *patch) float32`` when ``soft_targets`` (one cached teacher target per case,
+    labelled cases first, then unlabelled; see :mod:`medkd.teachers.cache`) are given: cropped with the
+    same window and moved by the same spatial augmentation as image and label.
+
+    ``unlabeled`` cases (images without labels, for distillation) are drawn with probability
+    ``unlabeled_ratio`` per sample; their ``label`` is all zeros and ``labeled`` False. Their
+    foreground oversampling centres on classes of the cached teacher target's argmax when there is one.
     """
 
     def __init__(self, cases: Sequence[PreprocessedCase], *, spatial_dims: int, patch_size: Sequence[int],
                  oversample: float = 0.33, augment: AugmentConfig | None = None, seed: int = 0,
-                 soft_targets: Sequence | None = None):
+                 soft_targets: Sequence | None = None, unlabeled: Sequence[PreprocessedCase] = (),
+                 unlabeled_ratio: float = 0.5):
         if not cases:
-            raise ValueError("no training cases to sample from")
+            raise ValueError("no labelled training cases to sample from")
         if spatial_dims == 3 and len(patch_size) != 3:
             raise ValueError(f"3D sampling needs a 3D patch size, got {list(patch_size)}")
-        if soft_targets is not None and len(soft_targets) != len(cases):
-            raise ValueError(f"{len(soft_targets)} cached teacher targets for {len(cases)} cases")
-        self.cases = list(cases)
+        self.num_labeled = len(cases)
+        self.cases = [*cases, *unlabeled]
+        self.unlabeled_ratio = unlabeled_ratio if unlabeled else 0.0
+        if soft_targets is not None and len(soft_targets) != len(self.cases):
+            raise ValueError(f"{len(soft_targets)} cached teacher targets for {len(self.cases)} cases")
         self.soft_targets = soft_targets
         self.spatial_dims = spatial_dims
         self.patch_size = list(patch_size)
@@ -101,8 +108,18 @@ class PatchDataset(Dataset):
 
     def _class_locations(self, index: int) -> dict[int, np.ndarray]:
         if index not in self._locations:
-            self._locations[index] = self.cases[index].load_locations()
+            if index < self.num_labeled:
+                self._locations[index] = self.cases[index].load_locations()
+            elif self.soft_targets is not None:  # unlabelled: where the teacher sees each class
+                self._locations[index] = class_locations(self.soft_targets[index].full().argmax(0)[None], seed=0)
+            else:
+                self._locations[index] = {}
         return self._locations[index]
+
+    def _draw_case(self, rng: np.random.Generator) -> int:
+        if self.unlabeled_ratio and rng.random() < self.unlabeled_ratio:
+            return self.num_labeled + int(rng.integers(len(self.cases) - self.num_labeled))
+        return int(rng.integers(self.num_labeled))
 
     def _window(self, rng: np.random.Generator, shape: Sequence[int], centre: Sequence[int] | None) -> list[int]:
         """Start corner of a patch of ``self.patch_size`` inside (or around) ``shape``."""
@@ -118,9 +135,11 @@ class PatchDataset(Dataset):
 
     def sample(self, k: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng((self.seed, k))
-        index = int(rng.integers(len(self.cases)))
+        index = self._draw_case(rng)
         case = self.cases[index]
-        image, label = case.load_image(), case.load_label()
+        labeled = index < self.num_labeled
+        image = case.load_image()
+        label = case.load_label() if labeled else np.zeros((1, *image.shape[1:]), dtype=np.int16)
         locations = self._class_locations(index)
         centre = None
         if locations and rng.random() < self.oversample:
@@ -137,6 +156,7 @@ class PatchDataset(Dataset):
             "label": crop_or_pad(label, start, self.patch_size),
             "transform_seed": int(rng.integers(2**31 - 1)),
             "case": index,
+            "labeled": labeled,
         }
         if self.soft_targets is not None:
             item["teacher"] = self.soft_targets[index].crop(z, start, self.patch_size)
@@ -156,6 +176,7 @@ class PatchDataset(Dataset):
         out = {
             "image": torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32),
             "label": torch.as_tensor(np.asarray(data["label"])).round().long(),
+            "labeled": item["labeled"],
             "case": item["case"],
         }
         out.update({key: torch.as_tensor(np.asarray(data[key]), dtype=torch.float32) for key in soft_keys})

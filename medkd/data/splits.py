@@ -117,3 +117,30 @@ def subset_cases(case_ids: Sequence[str], fraction: float, seed: int) -> list[st
     n = max(1, int(round(fraction * len(ids))))
     chosen = np.random.default_rng(seed).choice(len(ids), size=n, replace=False)
     return sorted(ids[i] for i in chosen)
+
+
+def labeled_subset(case_ids: Sequence[str], *, count: int | None = None, fraction: float | None = None,
+                   group_regex: str | None = None, seed: int = 0) -> list[str]:
+    """The training cases whose labels a few-label run keeps (sorted); the others become unlabelled images.
+
+    Groups (``group_regex``, e.g. one patient's frames) are kept whole: groups are drawn in a seeded
+    random order until ``count`` cases (or ``round(fraction * n)``, at least one group) are reached,
+    so the result may exceed the target by part of one group. The choice depends only on the case ids,
+    the target and ``seed``: a teacher and its students with the same settings keep the same labels.
+    """
+    if (count is None) == (fraction is None):
+        raise ValueError("give exactly one of count and fraction")
+    ids = sorted(set(case_ids))
+    if not ids:
+        raise ValueError("labeled_subset needs at least one case id")
+    target = count if count is not None else max(1, int(round(fraction * len(ids))))
+    if target > len(ids):
+        raise ValueError(f"{target} labelled cases requested but the training split has only {len(ids)}")
+    groups = list(group_cases(ids, group_regex).values())
+    order = np.random.default_rng(seed).permutation(len(groups))
+    chosen: list[str] = []
+    for index in order:
+        if len(chosen) >= target:
+            break
+        chosen.extend(groups[index])
+    return sorted(chosen)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medkd.data.dataset import Case, DatasetError, DatasetInfo, load_dataset
+from medkd.data.dataset import Case, DatasetError, DatasetInfo, image_folder_cases, load_dataset
 from medkd.data.io import Geometry, ImageReadError, PathLike, read_image
 
 
@@ -247,4 +247,23 @@ def check_dataset(root: PathLike, include_test: bool = True, progress: bool = Fa
     for case in _iterate(cases, progress):
         problems.extend(check_case(case, info))
     problems.extend(find_orphans(info, include_test))
+    return problems
+
+
+def check_image_folder(folder: PathLike, info: DatasetInfo) -> list[Problem]:
+    """Every problem of an images-only folder used as unlabelled data for ``info``'s dataset.
+
+    The images must follow the dataset's naming and file ending (``CASE_XXXX<file_ending>``), have all
+    of its channels with one shape and geometry per case, be readable and hold no NaN/Inf voxels.
+    """
+    folder = Path(folder)
+    try:
+        cases = image_folder_cases(folder, info, prefixed=False)
+    except DatasetError as exc:
+        return [Problem("missing-file", str(exc), None, folder)]
+    problems = [] if cases else [Problem("empty-dataset", f"no images named CASE_0000{info.file_ending} "
+                                         "(file_ending of the dataset)", None, folder)]
+    for case in cases:
+        problems.extend(check_case(case, info))
+    problems.extend(_nnunet_orphans(info, folder, folder / ".no-labels", cases))
     return problems

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medkd.config import ConfigError, DataConfig
-from medkd.data.dataset import DatasetInfo, load_dataset
+from medkd.data.dataset import Case, DatasetInfo, image_folder_cases, load_dataset
 from medkd.data.preprocess import PreprocessedCase, PreprocessedStore, PreprocessingPlan, make_plan
-from medkd.data.splits import get_split, subset_cases
-from medkd.data.validate import check_dataset
+from medkd.data.splits import get_split, labeled_subset, subset_cases
+from medkd.data.validate import check_dataset, check_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,15 @@ class DataCheckError(ValueError):
 
 @dataclass
 class TrainingData:
+    """Preprocessed cases of a run. ``train`` are the labelled training cases; ``unlabeled`` (distillation
+    runs only) the training cases whose labels a few-label run hides plus the images-only folders, with
+    ``label_path`` None so no label can leak into training."""
+
     dataset: DatasetInfo
     plan: PreprocessingPlan
     train: list[PreprocessedCase]
     val: list[PreprocessedCase]
+    unlabeled: list[PreprocessedCase] = field(default_factory=list)
 
 
 def _listing(ids: list[str], limit: int = 10) -> str:
@@ -71,23 +77,60 @@ def split_case_ids(cfg: DataConfig, dataset: DatasetInfo, seed: int = 0) -> tupl
     return train_ids, val_ids
 
 
-def prepare_training_data(cfg: DataConfig, seed: int = 0, check: bool | None = None) -> TrainingData:
-    """Check the dataset, split it, plan preprocessing and fill the cache (reusing what is there)."""
+def split_labels(cfg: DataConfig, train_ids: list[str]) -> tuple[list[str], list[str]]:
+    """``(labelled ids, hidden ids)``: a few-label run keeps the labels of ``data.labeled_cases`` /
+    ``data.labeled_fraction`` of the training cases (whole ``group_regex`` groups, ``labeled_seed``)."""
+    if not cfg.few_labels:
+        return train_ids, []
+    try:
+        labelled = labeled_subset(train_ids, count=cfg.labeled_cases, fraction=cfg.labeled_fraction,
+                                  group_regex=cfg.group_regex, seed=cfg.labeled_seed)
+    except ValueError as err:
+        key = "data.labeled_cases" if cfg.labeled_cases is not None else "data.labeled_fraction"
+        raise ConfigError(f"{key}: {err}") from None
+    chosen = set(labelled)
+    return labelled, [i for i in train_ids if i not in chosen]
+
+
+def _unlabeled_cases(cfg: DataConfig, dataset: DatasetInfo, hidden_ids: list[str], check: bool) -> list[Case]:
+    cases = [dataset.case(i) for i in hidden_ids]
+    for folder in cfg.unlabeled:
+        if check:
+            problems = check_image_folder(folder, dataset)
+            if problems:
+                raise DataCheckError(Path(folder), problems)
+        cases += image_folder_cases(folder, dataset)
+    return cases
+
+
+def prepare_training_data(cfg: DataConfig, seed: int = 0, check: bool | None = None,
+                          with_unlabeled: bool = False) -> TrainingData:
+    """Check the dataset, split it, plan preprocessing and fill the cache (reusing what is there).
+
+    ``with_unlabeled`` (distillation) also prepares the unlabelled images (see :class:`TrainingData`).
+    """
     if cfg.dataset is None:
         raise ValueError("data.dataset is not set: pass --dataset or set it in the config")
     root = Path(cfg.dataset)
-    if check if check is not None else cfg.check:
+    check = cfg.check if check is None else check
+    if check:
         problems = check_dataset(root, include_test=False)
         if problems:
             raise DataCheckError(root, problems)
     dataset = load_dataset(root)
     train_ids, val_ids = split_case_ids(cfg, dataset, seed=seed)
+    train_ids, hidden_ids = split_labels(cfg, train_ids)
     train_cases = [dataset.case(i) for i in train_ids]
-    val_cases = [dataset.case(i) for i in val_ids]
     plan = make_plan(dataset, train_cases, mode=cfg.mode, normalization=cfg.normalization,
                      target_spacing=cfg.target_spacing, crop_nonzero=cfg.crop_nonzero)
     store = PreprocessedStore(dataset, plan, cfg.cache_dir)
-    train = store.ensure(train_cases, num_workers=max(1, cfg.num_workers))
-    val = store.ensure(val_cases, num_workers=max(1, cfg.num_workers))
-    log.info("data: %d training / %d validation cases, cache %s", len(train), len(val), store.folder)
-    return TrainingData(dataset=dataset, plan=plan, train=train, val=val)
+    workers = max(1, cfg.num_workers)
+    train = store.ensure(train_cases, num_workers=workers)
+    val = store.ensure([dataset.case(i) for i in val_ids], num_workers=workers)
+    unlabeled = []
+    if with_unlabeled:
+        unlabeled = [dataclasses.replace(c, label_path=None, locations_path=None)
+                     for c in store.ensure(_unlabeled_cases(cfg, dataset, hidden_ids, check), num_workers=workers)]
+    log.info("data: %d labelled training / %d unlabelled / %d validation cases, cache %s",
+             len(train), len(unlabeled), len(val), store.folder)
+    return TrainingData(dataset=dataset, plan=plan, train=train, val=val, unlabeled=unlabeled)

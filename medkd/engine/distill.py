@@ -134,6 +134,7 @@ class Distiller(nn.Module):
         if recipe.needs_uncertainty and len(members) < 2:
             raise ValueError("an uncertainty term regresses the disagreement of a teacher set: give 2+ teachers")
         self.network = student
+        self.step = 0  # optimiser steps done (set by the trainer): drives the terms' warm-up
         self.teachers = nn.ModuleList(t.eval().requires_grad_(False) for t in members)
         self.recipe = recipe
         weights = normalised_member_weights(member_weights, len(members), torch.empty(0))
@@ -164,6 +165,15 @@ class Distiller(nn.Module):
         for m, teacher in enumerate(members):
             names = sorted({n for pairs in self.taps.values() for n in pairs[m][1]})
             self._teacher_taps.append(FeatureTaps(teacher, names, detach=True) if names else None)
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def term_weight(self, name: str) -> float:
+        """The recipe weight of term ``name``, ramped linearly over its ``warmup_steps``."""
+        term = self.recipe.terms[name]
+        ramp = min(1.0, (self.step + 1) / term.warmup_steps) if term.warmup_steps else 1.0
+        return term.weight * ramp
 
     @property
     def teacher(self) -> nn.Module:
@@ -217,14 +227,33 @@ class Distiller(nn.Module):
                                member_weights=self.member_weights, **extra)
         return loss(s_logits, target.to(s_logits.dtype))
 
+    def _supervised_term(self, s_out: torch.Tensor, label: torch.Tensor, labeled: torch.Tensor | None) -> torch.Tensor:
+        """The supervised loss on the labelled samples of the batch only (zero when there are none)."""
+        if labeled is not None and not bool(labeled.all()):
+            if not bool(labeled.any()):
+                return s_out.sum() * 0.0  # keeps the graph (DDP) without a label signal
+            s_out, label = s_out[labeled], label[labeled]
+        return self.recipe.supervised.weight * self.supervised(s_out, label)
+
+    @staticmethod
+    def _region_label(label: torch.Tensor, labeled: torch.Tensor | None, members: torch.Tensor) -> torch.Tensor:
+        """Labels for label-aware feature terms: the label where known, the teachers' argmax elsewhere."""
+        if labeled is None or bool(labeled.all()):
+            return label
+        guess = torch.softmax(members.float(), dim=2).mean(0).argmax(1, keepdim=True)
+        keep = labeled.view(-1, *[1] * (label.ndim - 1))
+        return torch.where(keep, label, guess.to(label.dtype))
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        image, label = batch["image"], batch["label"]
+        image, label, labeled = batch["image"], batch["label"], batch.get("labeled")
         cached = batch.get("teacher") if self.soft_targets is not None else None
         members, t_feats = (None, None) if cached is not None else self._teachers_forward(image)
         s_out = self.network(image)
         s_feats = dict(self._student_taps.features) if self._student_taps else {}
         s_logits = full_resolution_head(s_out, image.ndim)
-        out = {"seg": self.recipe.supervised.weight * self.supervised(s_out, label)}
+        out = {"seg": self._supervised_term(s_out, label, labeled)}
+        if members is not None:
+            label = self._region_label(label, labeled, members)
         for name, modules in self.terms.items():
             if getattr(modules[0], "inputs", "logits") == "logits+uncertainty":
                 value = modules[0](s_logits, voxel_uncertainty(torch.softmax(members.float(), dim=2)))
@@ -236,7 +265,7 @@ class Distiller(nn.Module):
                     args = ([s_feats[n] for n in s_names], [t_feats[m][n] for n in t_names])
                     inputs = getattr(type(loss), "inputs", "features")
                     value = value + self.member_weights[m] * (loss(*args, label) if inputs == "features+label" else loss(*args))
-            out[name] = self.recipe.terms[name].weight * value
+            out[name] = self.term_weight(name) * value
         total = sum(out.values())
         return {"loss": total, **{k: v.detach() for k, v in out.items()}}
 
@@ -280,7 +309,7 @@ def distill_task_factory(config: RunConfig):
                               temperature_w=recipe.teachers.temperature_w, top_k=recipe.teachers.top_k)
             cache = TeacherOutputCache.for_teachers(teacher_set, data.plan, spec, data.dataset.num_classes,
                                                     cfg.data.patch_size, cfg.data.cache_dir)
-            distiller.attach_cache(cache.ensure(data.train, networks, mode=cfg.data.mode,
+            distiller.attach_cache(cache.ensure([*data.train, *data.unlabeled], networks, mode=cfg.data.mode,
                                                 in_channels=data.dataset.num_channels, device=_cache_device(cfg)))
         return distiller
 

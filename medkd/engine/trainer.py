@@ -136,14 +136,15 @@ class Trainer:
         cfg, fabric = self.config, self.fabric
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
+        distilling = cfg.distill is not None  # only distillation learns from unlabelled images
         if fabric.is_global_zero:
             prepare_run_dir(self.run_dir, self.resume)
             if not self.resume:
                 save_config(cfg, self.run_dir / "config.yaml")
-            self.data = prepare_training_data(cfg.data, seed=cfg.train.seed)
+            self.data = prepare_training_data(cfg.data, seed=cfg.train.seed, with_unlabeled=distilling)
         fabric.barrier()
         if not fabric.is_global_zero:  # the cache is filled now: this only reads it
-            self.data = prepare_training_data(cfg.data, seed=cfg.train.seed, check=False)
+            self.data = prepare_training_data(cfg.data, seed=cfg.train.seed, check=False, with_unlabeled=distilling)
         fabric.seed_everything(cfg.train.seed, verbose=False)
         network = create(cfg.model.name, cfg.data.spatial_dims, self.data.dataset.num_channels,
                          self.data.dataset.num_classes, preset=cfg.model.preset, shrink=cfg.model.shrink,
@@ -238,7 +239,8 @@ class Trainer:
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.state["step"] or None)
         dataset = PatchDataset(self.data.train, spatial_dims=cfg.data.spatial_dims, patch_size=cfg.data.patch_size,
                                oversample=cfg.data.foreground_oversample, augment=cfg.data.augment,
-                               seed=tcfg.seed, soft_targets=getattr(self.raw_task, "soft_targets", None))
+                               seed=tcfg.seed, soft_targets=getattr(self.raw_task, "soft_targets", None),
+                               unlabeled=self.data.unlabeled, unlabeled_ratio=cfg.data.unlabeled_ratio)
         loader = make_train_loader(dataset, cfg.data.batch_size, start_step=self.state["step"],
                                    rank=fabric.global_rank, world_size=fabric.world_size,
                                    num_workers=cfg.data.num_workers)
@@ -254,6 +256,8 @@ class Trainer:
                     group["lr"] = lr
                 batch = next(batches)
                 batch = {k: v.to(fabric.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                if hasattr(self.raw_task, "set_step"):  # step-dependent loss weights (warm-up)
+                    self.raw_task.set_step(step)
                 terms = self.task(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 fabric.backward(terms["loss"])
