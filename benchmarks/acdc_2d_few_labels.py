@@ -11,7 +11,7 @@ Rows (each student row: ``--seeds`` seeds, the same number of optimiser steps):
   labelled samples, the distillation terms every sample; ``data.unlabeled_ratio`` of each batch comes
   from the unlabelled cases; teacher outputs are cached for all training cases;
 * with ``--full-teacher BEST_PT``: the same recipes from a teacher trained on *all* labels (as when a user
-  distils another site's model), reported as separate rows.
+  distils another site's model), reported as separate rows (their gap closed is to that teacher).
 
 Statistics: per seed the paired difference of mean test Dice to labels-only; per case (40 test
 volumes, Dice averaged over seeds) the two-sided Wilcoxon signed-rank test; the fraction of the
@@ -26,18 +26,14 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
-from medkd.engine.inference import Predictor
 from medkd.evaluation.report import comparison_table, write_csv, write_json
-from medkd.evaluation.stats import case_mean_dice, mean_over_runs, paired_comparison
 from medkd.recipes import load_recipe
 
-from acdc_2d_distill import train_once
-from acdc_2d_supervised import DEFAULT_DATA, run_config, test_scores
+from acdc_2d_distill import COLUMNS, scored, summary_row, teacher_row
+from acdc_2d_supervised import DEFAULT_DATA, run_config
 
-CLASSES = ("RV", "MYO", "LV")
 PATIENT = r"^(patient\d+)"
 
 
@@ -65,44 +61,18 @@ def student_tree(args, seed: int, teacher: Path | None, recipe: str | None) -> d
     return few_label_data(tree, args)
 
 
-def scored(args, name: str, run_dir: Path, tree: dict) -> dict:
-    """Train (or reuse) one run, score it on the test cases; keeps per-case Dice for the paired test."""
-    result = train_once(tree, run_dir)
-    row = test_scores(name, Predictor(run_dir / "best.pt"), args.data, args.out, reuse_after=run_dir / "best.pt")
-    per_case = case_mean_dice(args.out / "predictions" / name / "evaluation" / "per_case.csv")
-    return {**row, "steps": result["steps"], "val_dice": result["best_metric"], "per_case": per_case,
-            "s_per_step": result["elapsed_s"] / max(result["steps"], 1)}
-
-
-def student_rows(args, teachers: dict[str, Path]) -> dict[str, list[dict]]:
-    rows: dict[str, list[dict]] = {"labels only": []}
+def student_rows(args, teachers: dict[str, Path]) -> dict[tuple[str, str | None], list[dict]]:
+    """Runs per (row, teacher tag): labels only, then every recipe from every teacher, seed by seed."""
+    rows: dict[tuple[str, str | None], list[dict]] = {("labels only", None): []}
     for seed in args.seeds:
-        rows["labels only"].append(scored(args, f"labels_seed{seed}", args.out / f"labels_seed{seed}",
-                                          student_tree(args, seed, None, None)))
+        rows["labels only", None].append(scored(args.data, args.out, f"labels_seed{seed}",
+                                                args.out / f"labels_seed{seed}", student_tree(args, seed, None, None)))
         for tag, teacher in teachers.items():
             for recipe in args.recipes:
-                name = f"{recipe}_{tag}_seed{seed}"
-                rows.setdefault(f"{recipe} ({tag})", []).append(
-                    scored(args, name, args.out / name, student_tree(args, seed, teacher, recipe)))
+                name = f"{recipe}_{tag}_seed{seed}"  # e.g. "logit-kd_teacher 10%_seed0"
+                rows.setdefault((f"{recipe} ({tag})", tag), []).append(
+                    scored(args.data, args.out, name, args.out / name, student_tree(args, seed, teacher, recipe)))
     return rows
-
-
-def summary_row(label: str, runs: list[dict], base: list[dict], teacher: dict) -> dict:
-    mean = [r["mean_dice"] for r in runs]
-    paired = [r["mean_dice"] - b["mean_dice"] for r, b in zip(runs, base)]
-    stats = paired_comparison(mean_over_runs([b["per_case"] for b in base]),
-                              mean_over_runs([r["per_case"] for r in runs]), teacher=teacher["mean_dice"])
-    row = {"row": label, "seeds": len(runs), "steps": int(np.mean([r["steps"] for r in runs])),
-           "step_time_rel": np.mean([r["s_per_step"] for r in runs]) / np.mean([b["s_per_step"] for b in base]),
-           "val_dice": f"{np.mean([r['val_dice'] for r in runs]):.3f}",
-           "mean_dice": f"{np.mean(mean):.3f} ± {np.std(mean):.3f}",
-           "delta": f"{np.mean(paired):+.3f} ± {np.std(paired):.3f}" if runs is not base else "-",
-           "p_value": "-" if runs is base else f"{stats['p_value']:.2g}",
-           "gap_closed": "-" if runs is base else f"{stats['gap_closed']:.0%}",
-           "hd95": f"{np.mean([r['hd95'] for r in runs]):.1f}"}
-    for cls in CLASSES:
-        row[f"dice_{cls}"] = f"{np.mean([r[f'dice_{cls}'] for r in runs]):.3f}"
-    return row
 
 
 def main() -> None:
@@ -121,26 +91,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench_runs/acdc_2d_few_labels"))
     args = parser.parse_args()
-    teacher = scored(args, "teacher", args.out / "teacher", teacher_tree(args))
-    teachers = {f"teacher {args.labeled_fraction:.0%}": args.out / "teacher" / "best.pt"}
+    own = f"teacher {args.labeled_fraction:.0%}"
+    scores = {own: scored(args.data, args.out, "teacher", args.out / "teacher", teacher_tree(args))}
+    teachers = {own: args.out / "teacher" / "best.pt"}
     if args.full_teacher:
         teachers["teacher 100%"] = args.full_teacher
+        scores["teacher 100%"] = scored(args.data, args.out, "teacher_full", args.full_teacher.parent, None)
     rows = student_rows(args, teachers)
-    base = rows["labels only"]
-    table = [{"row": "teacher", "seeds": 1, "steps": teacher["steps"], "val_dice": f"{teacher['val_dice']:.3f}",
-              "mean_dice": f"{teacher['mean_dice']:.3f}", "hd95": f"{teacher['hd95']:.1f}",
-              **{f"dice_{c}": f"{teacher[f'dice_{c}']:.3f}" for c in CLASSES}}]
-    table += [summary_row(label, runs, base, teacher) for label, runs in rows.items()]
-    write_json({"teacher": teacher, "rows": rows}, args.out / "runs.json")
+    base = rows["labels only", None]
+    table = [{**teacher_row(score), "row": tag} for tag, score in scores.items()]
+    table += [summary_row(label, runs, base, scores[tag or own]) for (label, tag), runs in rows.items()]
+    write_json({"teachers": scores, "rows": {label: runs for (label, _), runs in rows.items()}}, args.out / "runs.json")
     write_csv(table, args.out / "summary.csv")
-    columns = [("row", "model", "s"), ("seeds", "seeds", "d"), ("steps", "steps", ",d"),
-               ("step_time_rel", "step time x", ".2f"), ("val_dice", "val Dice", "s")]
-    columns += [(f"dice_{c}", f"Dice {c}", "s") for c in CLASSES]
-    columns += [("mean_dice", "test Dice", "s"), ("delta", "Δ paired", "s"), ("p_value", "Wilcoxon p", "s"),
-                ("gap_closed", "gap closed", "s"), ("hd95", "HD95", "s")]
     title = (f"ACDC 2D, {args.labeled_fraction:.0%} of training cases labelled, student UNet t={args.shrink}, "
              f"{args.steps} steps, 40 test cases")
-    Console(width=220).print(comparison_table(table, columns, title=title))
+    Console(width=220).print(comparison_table(table, COLUMNS, title=title))
 
 
 if __name__ == "__main__":
