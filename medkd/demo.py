@@ -1,13 +1,19 @@
 """``medkd demo``: the whole pipeline on synthetic phantoms, in a few minutes on a laptop CPU.
 
-1. write a seeded 2D multi-site phantom dataset (nnU-Net raw format);
-2. train a teacher (UNet at half the teacher preset's width, ``shrink=1``, so that it converges in the
-   demo's short budget on a CPU) and a student (UNet, student preset: same depth and skips, channels
-   / 8, about 16x fewer parameters than this teacher) on labels, each for a wall-clock budget;
-3. distil the same student from the teacher with the ``logit-kd`` and ``reco-kd`` recipes, for the
-   student's wall-clock budget each (the teacher runs live, so these rows get fewer steps);
+The demo shows the setting where distillation pays: **few labelled cases, many unlabelled images**.
+
+1. write a seeded 2D multi-site phantom dataset (nnU-Net raw format); only ``DEMO_LABELED`` of the
+   training cases keep their labels, the others are used as unlabelled images;
+2. train a teacher (UNet at half the teacher preset's width, ``shrink=1``) on the labelled cases and a
+   small student (UNet with widths / 16, ``shrink=4``, about 60x fewer parameters) on the same labels;
+3. distil the same student from the teacher with ``logit-kd`` (teacher outputs cached for every
+   training image, labelled or not, so a step costs what a labels-only step costs) and ``reco-kd``
+   (feature terms: the live teacher runs every step, so it gets fewer steps); every student row gets
+   the same wall-clock budget;
 4. predict the held-out cases with each, evaluate (Dice, HD95) and time CPU inference per case;
-5. print one comparison table and write it as ``summary.csv`` / ``summary.json`` in the run folder.
+5. print one comparison table, then for each recipe the paired difference to the labels-only student
+   (Wilcoxon over the held-out cases), the fraction of the teacher-student gap it closes, and plainly
+   whether it wins or loses; ``summary.csv`` / ``summary.json`` hold the table.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
 from medkd.config import build_config
@@ -27,20 +34,22 @@ from medkd.engine.inference import Predictor, group_channel_files, predict_folde
 from medkd.engine.trainer import train
 from medkd.evaluation import evaluate_folder
 from medkd.evaluation.report import comparison_table, write_csv, write_json
+from medkd.evaluation.stats import case_mean_dice, paired_comparison
 from medkd.models import count_parameters
 
 DEMO_CASES = {"num_train": 48, "num_test": 12}
+DEMO_LABELED = 6  # training cases that keep their labels; the other 32 of fold 0 are unlabelled images
 DEMO_RECIPES = ("logit-kd", "reco-kd")
 
 
 MODELS = [("teacher", {"name": "unet", "preset": "teacher", "shrink": 1}),
-          ("student", {"name": "unet", "preset": "student"})]
+          ("student", {"name": "unet", "preset": "student", "shrink": 4})]
 
 
 def _train_config(dataset: Path, model: dict[str, Any], minutes: float, cache: Path) -> dict[str, Any]:
     return {
         "data": {"dataset": str(dataset), "mode": "2d", "patch_size": [96, 96], "batch_size": 16,
-                 "num_workers": 1, "cache_dir": str(cache), "num_folds": 5},
+                 "num_workers": 1, "cache_dir": str(cache), "num_folds": 5, "labeled_cases": DEMO_LABELED},
         "model": model,
         "train": {"max_time_min": minutes, "lr": 3e-3, "val_every": 100, "checkpoint_every": 100,
                   "val_max_cases": 4, "tensorboard": False, "seed": 0},
@@ -50,7 +59,6 @@ def _train_config(dataset: Path, model: dict[str, Any], minutes: float, cache: P
 def _latency_ms(predictor: Predictor, image_files: list[list[Path]]) -> float:
     """Median wall-clock per case (read excluded): preprocessing, network, mapping back."""
     from medkd.data.io import read_image
-    import numpy as np
 
     times = []
     for files in image_files:
@@ -79,31 +87,59 @@ def _evaluate_model(name: str, checkpoint: Path, dataset_root: Path, out: Path) 
     return row
 
 
+def _train_all(data: Path, out: Path, teacher_minutes: float, student_minutes: float, recipes: tuple[str, ...],
+               console: Console) -> list[tuple[str, Path]]:
+    """Teacher and student on the labelled cases, then the student distilled with each recipe; (row, best.pt)."""
+    from medkd.recipes import load_recipe
+
+    rows = []
+    budgets = {"teacher": teacher_minutes, "student": student_minutes}
+    for name, model in MODELS:
+        console.print(f"[bold]2/3[/] training the {name} on the {DEMO_LABELED} labelled cases ({budgets[name]} min)")
+        cfg = build_config(_train_config(data, model, budgets[name], out / "cache"))
+        rows.append((name, train(cfg, out / name).run_dir / "best.pt"))
+    for recipe in recipes:
+        spec = load_recipe(recipe)
+        source = "cached teacher outputs" if spec.uses_cache else "live teacher"
+        console.print(f"[bold]2/3[/] distilling the student with {recipe} on labelled + unlabelled images "
+                      f"({student_minutes} min, {source})")
+        tree = _train_config(data, dict(MODELS)["student"], student_minutes, out / "cache")
+        tree["distill"] = {"teacher": str(rows[0][1]), "recipe": spec.model_dump(mode="json")}
+        rows.append((f"student+{recipe}", train(build_config(tree), out / f"student_{recipe}").run_dir / "best.pt"))
+    return rows
+
+
+def verdicts(out: Path, names: list[str]) -> list[str]:
+    """One plain sentence per distilled row: paired Δ to labels-only, Wilcoxon p, gap closed, win or loss."""
+    per_case = {name: case_mean_dice(out / "predictions" / name / "evaluation" / "per_case.csv") for name in names}
+    teacher = float(np.mean(list(per_case["teacher"].values())))
+    lines = []
+    for name in [n for n in names if n.startswith("student+")]:
+        stats = paired_comparison(per_case["student"], per_case[name], teacher=teacher)
+        numbers = (f"mean Dice {stats['other']:.3f} vs {stats['baseline']:.3f} on labels alone "
+                   f"(Δ {stats['delta']:+.3f}, better on {stats['wins']}/{stats['n']} cases, Wilcoxon p={stats['p_value']:.2g}; "
+                   f"closes {stats['gap_closed']:.0%} of the teacher-student gap)")
+        if stats["delta"] <= 0:
+            lines.append(f"[red]{name} LOSES[/] to the labels-only student: {numbers}")
+        elif stats["p_value"] < 0.05:
+            lines.append(f"[green]{name} wins[/]: {numbers}")
+        else:
+            lines.append(f"[yellow]{name} is ahead but not significantly[/]: {numbers}")
+    return lines
+
+
 def run_demo(out_root: Path, teacher_minutes: float = 1.2, student_minutes: float = 0.8,
              console: Console | None = None, recipes: tuple[str, ...] = DEMO_RECIPES) -> Path:
     """Run the demo into a new ``out_root/demo-<time>`` folder and return it."""
     from medkd.data.phantoms import make_phantoms
-    from medkd.recipes import load_recipe
 
     console = console or Console()
     out = Path(out_root) / datetime.datetime.now().strftime("demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=False)
     started = time.monotonic()
     data = make_phantoms(out / "data" / "Dataset001_Phantoms2D", spatial_dims=2, seed=0, **DEMO_CASES)
-    console.print(f"[bold]1/3[/] phantoms written to {data}")
-    rows = []
-    budgets = {"teacher": teacher_minutes, "student": student_minutes}
-    for name, model in MODELS:
-        console.print(f"[bold]2/3[/] training the {name} on labels ({budgets[name]} min)")
-        cfg = build_config(_train_config(data, model, budgets[name], out / "cache"))
-        rows.append((name, train(cfg, out / name).run_dir / "best.pt"))
-    for recipe in recipes:
-        spec = load_recipe(recipe)
-        source = "cached teacher outputs" if spec.uses_cache else "live teacher"
-        console.print(f"[bold]2/3[/] distilling the student with {recipe} ({student_minutes} min, {source})")
-        tree = _train_config(data, dict(MODELS)["student"], student_minutes, out / "cache")
-        tree["distill"] = {"teacher": str(rows[0][1]), "recipe": spec.model_dump(mode="json")}
-        rows.append((f"student+{recipe}", train(build_config(tree), out / f"student_{recipe}").run_dir / "best.pt"))
+    console.print(f"[bold]1/3[/] phantoms written to {data}; {DEMO_LABELED} training cases keep their labels")
+    rows = _train_all(data, out, teacher_minutes, student_minutes, recipes, console)
     console.print("[bold]3/3[/] predicting and evaluating the held-out cases")
     table_rows = [_evaluate_model(name, ckpt, data, out) for name, ckpt in rows]
     for row, (name, ckpt) in zip(table_rows, rows):
@@ -112,8 +148,12 @@ def run_demo(out_root: Path, teacher_minutes: float = 1.2, student_minutes: floa
     columns = [("model", "model", "s"), ("params", "params", ",d"), ("steps", "steps", ",d")]
     columns += [(f"dice_{c}", f"Dice {c}", ".3f") for c in class_names]
     columns += [("mean_dice", "mean Dice", ".3f"), ("hd95", "HD95", ".2f"), ("latency_ms", "CPU ms/case", ".1f")]
-    title = f"medkd demo: {DEMO_CASES['num_test']} held-out phantoms, equal wall-clock per student"
+    title = (f"medkd demo: {DEMO_LABELED} labelled training cases, {DEMO_CASES['num_test']} held-out phantoms, "
+             "equal wall-clock per student")
     console.print(comparison_table(table_rows, columns, title=title))
+    for line in verdicts(out, [name for name, _ in rows]):
+        console.print(line)
+    console.print("(one seed on 12 synthetic cases: benchmarks/ gives seeds and paired tests on real data)")
     write_csv(table_rows, out / "summary.csv")
     write_json(table_rows, out / "summary.json")
     console.print(f"everything is in {out} ({time.monotonic() - started:.0f} s)")

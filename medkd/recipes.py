@@ -7,7 +7,7 @@ A recipe file (``recipes/*.yaml``) looks like::
     description: supervised Dice+CE plus temperature-softened KL to the teacher
     supervised: {loss: dice_ce, weight: 1.0}
     terms:
-      kl: {loss: kl, weight: 0.5, warmup_steps: 0, options: {temperature: 4.0}}
+      kl: {loss: kl, weight: 0.5, warmup_steps: 0, balance: false, options: {temperature: 4.0}}
     data: {data_fraction: 1.0}          # optional data overrides (e.g. 0.5 for the contrastive paper)
     teachers: {combine: mean_prob, member_weights: uniform, cache: true}   # optional, see TeacherOptions
 
@@ -45,6 +45,8 @@ class DistillTerm(_Strict):
     loss: str
     weight: float = Field(ge=0)
     warmup_steps: int = Field(0, ge=0, description="linear ramp of the weight: w * min(1, (step + 1) / warmup_steps)")
+    balance: bool = Field(False, description="rescale the term to contribute weight x the supervised loss on "
+                          "average (moving averages of detached losses, see medkd.losses.balance)")
     options: dict[str, Any] = Field(default_factory=dict)
     taps: StageSelector | None = None
     student_taps: list[str] | None = None
@@ -106,6 +108,8 @@ class Recipe(_Strict):
         from medkd.losses.distill_registry import DISTILL_LOSSES
 
         for name, term in self.terms.items():
+            if name.startswith("_") or "." in name:
+                raise ValueError(f"terms.{name}: term names may not start with '_' or contain '.'")
             if term.loss not in DISTILL_LOSSES:
                 raise ValueError(f"terms.{name}.loss: unknown loss {term.loss!r}; known: {', '.join(sorted(DISTILL_LOSSES))}")
             needs = getattr(DISTILL_LOSSES[term.loss], "inputs", "logits")

@@ -24,6 +24,7 @@ from torch import nn
 
 from medkd.config import RunConfig
 from medkd.losses import DeepSupervisionLoss, build_supervised_loss
+from medkd.losses.balance import TermBalancer
 from medkd.losses.supervised import full_resolution_head
 from medkd.losses.distill_registry import DISTILL_LOSSES
 from medkd.models.taps import FeatureTaps, discover_stages, list_tappable
@@ -143,6 +144,8 @@ class Distiller(nn.Module):
         sup = recipe.supervised
         self.supervised = DeepSupervisionLoss(build_supervised_loss(sup.loss, **sup.options))
         self.terms = nn.ModuleDict()
+        balanced = [name for name, term in recipe.terms.items() if term.balance]
+        self.balancer = TermBalancer(balanced) if balanced else None
         self.taps: dict[str, list[tuple[list[str], list[str]]]] = {}  # term -> per member (student, teacher) names
         infos = None
         if recipe.needs_teacher_features:
@@ -186,7 +189,9 @@ class Distiller(nn.Module):
         return self
 
     def extra_modules(self) -> nn.ModuleDict:
-        return self.terms
+        if self.balancer is None:
+            return self.terms
+        return nn.ModuleDict({**self.terms, "_balance": self.balancer})  # recipes reject '_' term names
 
     def logit_temperature(self) -> float:
         """The one temperature of the logit terms (what a cached target is computed for)."""
@@ -252,6 +257,8 @@ class Distiller(nn.Module):
         s_feats = dict(self._student_taps.features) if self._student_taps else {}
         s_logits = full_resolution_head(s_out, image.ndim)
         out = {"seg": self._supervised_term(s_out, label, labeled)}
+        if self.balancer is not None and (labeled is None or bool(labeled.any())):
+            self.balancer.observe_supervised(out["seg"])
         if members is not None:
             label = self._region_label(label, labeled, members)
         for name, modules in self.terms.items():
@@ -265,6 +272,8 @@ class Distiller(nn.Module):
                     args = ([s_feats[n] for n in s_names], [t_feats[m][n] for n in t_names])
                     inputs = getattr(type(loss), "inputs", "features")
                     value = value + self.member_weights[m] * (loss(*args, label) if inputs == "features+label" else loss(*args))
+            if self.balancer is not None and name in self.balancer.names:
+                value = self.balancer.scale(name, value) * value
             out[name] = self.term_weight(name) * value
         total = sum(out.values())
         return {"loss": total, **{k: v.detach() for k, v in out.items()}}
