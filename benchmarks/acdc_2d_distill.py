@@ -38,9 +38,11 @@ CLASSES = ("RV", "MYO", "LV")
 
 
 def student_config(data: Path, cache: Path, seed: int, *, steps: int | None, minutes: float | None, val_every: int,
-                   teacher: Path | None = None, recipe: str | None = None, shrink: int | None = None) -> dict:
-    """The benchmark student (UNet, student preset or width ``shrink``, batch 16, no mirroring), on labels or distilled."""
+                   teacher: Path | None = None, recipe: str | None = None, shrink: int | None = None,
+                   model: str = "unet") -> dict:
+    """The benchmark student (student preset or width ``shrink``, batch 16, no mirroring), on labels or distilled."""
     tree = run_config(data, "student", minutes, cache, seed)
+    tree["model"]["name"] = model
     tree["train"].update(max_time_min=minutes, max_steps=steps, val_every=val_every, checkpoint_every=val_every)
     tree["data"]["augment"] = {"flip_prob": 0.0}
     if shrink is not None:
