@@ -152,7 +152,7 @@ def run_demo(out_root: Path, teacher_minutes: float = 1.2, student_minutes: floa
              "equal wall-clock per student")
     console.print(comparison_table(table_rows, columns, title=title))
     for line in verdicts(out, [name for name, _ in rows]):
-        console.print(line)
+        console.print(line, soft_wrap=True)
     console.print("(one seed on 12 synthetic cases: benchmarks/ gives seeds and paired tests on real data)")
     write_csv(table_rows, out / "summary.csv")
     write_json(table_rows, out / "summary.json")

@@ -10,7 +10,12 @@ from medkd.demo import run_demo
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_with_tiny_budgets(tmp_path):
-    out = run_demo(tmp_path, teacher_minutes=0.05, student_minutes=0.03, console=Console(width=160))
+    console = Console(width=160, record=True)
+    out = run_demo(tmp_path, teacher_minutes=0.05, student_minutes=0.03, console=console)
+    printed = console.export_text()
+    for recipe in ("logit-kd", "reco-kd"):  # a verdict per recipe, win or loss, with its numbers
+        assert any(line.startswith(f"student+{recipe} ") and "Wilcoxon p=" in line and "gap" in line
+                   for line in printed.splitlines()), printed
     with open(out / "summary.csv") as handle:
         rows = {row["model"]: row for row in csv.DictReader(handle)}
     assert set(rows) == {"teacher", "student", "student+logit-kd", "student+reco-kd"}
