@@ -22,6 +22,7 @@ from medkd.losses.logits import (
     ProbabilityMSELoss,
     UncertaintyRegressionLoss,
 )
+from medkd.losses.pseudo import PseudoLabelLoss
 from medkd.losses.regions import MSCALoss, MSSARDLoss, RegionAffinityLoss
 
 __all__ = ["DISTILL_INPUTS", "DISTILL_LOSSES", "build_distill_loss", "describe"]
@@ -40,6 +41,7 @@ DISTILL_LOSSES: dict[str, type[nn.Module]] = {
     "region_affinity": RegionAffinityLoss,
     "contrastive": SupervisedInfoNCELoss,
     "uncertainty": UncertaintyRegressionLoss,
+    "pseudo_label": PseudoLabelLoss,
 }
 
 
