@@ -252,3 +252,19 @@ def test_3d_cache_uses_the_sliding_window_and_keeps_the_grid(phantoms_3d, tiny_c
     np.testing.assert_allclose(targets[0].full(), live.numpy(), rtol=1e-3, atol=2e-3)
     patch = PatchDataset(data.train[:2], spatial_dims=3, patch_size=[16, 32, 32], soft_targets=targets)[0]
     assert patch["teacher"].shape == (data.dataset.num_classes, 16, 32, 32)
+
+
+def test_2d_cache_uses_the_sliding_window_of_predict(teachers):
+    """Slices larger than the patch: the cached target is what `medkd predict` computes (Gaussian windows)."""
+    from medkd.engine.inference import predict_probabilities
+
+    paths, data, root = teachers
+    network, _ = load_frozen(paths[0])
+    cache = TeacherOutputCache.for_teachers(open_teachers(paths[0]), data.plan, TargetSpec(rule="mean_logits"),
+                                            data.dataset.num_classes, [32, 32], root / "c_window")
+    target = cache.ensure(data.train[:1], [network], mode="2d", in_channels=1)[0]
+    image = data.train[0].load_image()
+    assert image.shape[-1] > 32  # several windows per slice
+    predicted = predict_probabilities(network, image, mode="2d", patch_size=[32, 32])
+    np.testing.assert_allclose(torch.softmax(torch.tensor(target.full()), dim=0).numpy(), predicted.numpy(),
+                               atol=2e-3)
