@@ -42,7 +42,7 @@ from torch import nn
 from medkd.data.preprocess import PreprocessedCase, PreprocessingPlan, default_cache_root
 from medkd.engine.checkpoint import atomic_write_numpy, atomic_write_text
 from medkd.losses.supervised import full_resolution_head
-from medkd.models.taps import list_tappable
+from medkd.models.padding import forward_padded, largest_stride
 from medkd.teachers.combine import COMBINATION_RULES, target_logits
 from medkd.teachers.manifest import TeacherSet
 
@@ -80,14 +80,6 @@ def cache_key(teacher_fingerprint: str, plan: PreprocessingPlan, spec: TargetSpe
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _largest_stride(networks: Sequence[nn.Module], spatial_dims: int, in_channels: int) -> int:
-    largest = 1
-    for network in networks:
-        rows = list_tappable(network, (1, in_channels, *([64 if spatial_dims == 2 else 32] * spatial_dims)))
-        largest = max([largest, *(int(max(row["stride"])) for row in rows if row.get("stride"))])
-    return largest
-
-
 @torch.inference_mode()
 def member_logits(networks: Sequence[nn.Module], image: torch.Tensor, *, mode: str, patch_size: Sequence[int],
                   divisor: int) -> torch.Tensor:
@@ -95,10 +87,7 @@ def member_logits(networks: Sequence[nn.Module], image: torch.Tensor, *, mode: s
     outputs = []
     for network in networks:
         if mode == "2d":
-            h, w = image.shape[-2:]
-            ph, pw = (-h) % divisor, (-w) % divisor
-            padded = F.pad(image, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-            out = network(padded)[..., ph // 2: ph // 2 + h, pw // 2: pw // 2 + w]
+            out = forward_padded(network, image, divisor)
         else:
             out = sliding_window_inference(image, list(patch_size), 2, network, overlap=0.5, mode="gaussian")
         outputs.append(full_resolution_head(out, image.ndim))
@@ -257,7 +246,7 @@ class TeacherOutputCache:
             device = torch.device(device)
             for network in networks:
                 network.to(device).eval()
-            divisor = _largest_stride(networks, 2 if mode == "2d" else 3, in_channels)
+            divisor = max(largest_stride(n, 2 if mode == "2d" else 3, in_channels) for n in networks)
             log.info("teacher cache: computing %d of %d cases with %d teacher(s)", len(todo), len(cases), len(networks))
             for case in todo:
                 target = case_target(networks, case.load_image(), self.spec, mode=mode,
