@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from medkd.cli import app
+from medkd.config import build_config
+from medkd.data.dataset import load_dataset
+from medkd.data.io import read_image
+from medkd.data.preprocess import make_plan
+from medkd.engine.checkpoint import load_checkpoint, save_checkpoint
+from medkd.engine.inference import Predictor, predict_folder
 from medkd.engine.postprocess import (
     Postprocessing,
     decide_postprocessing,
@@ -14,6 +23,8 @@ from medkd.engine.postprocess import (
     read_postprocessing,
     write_postprocessing,
 )
+from medkd.engine.trainer import train
+from medkd.models import create
 
 LABELS = {"background": 0, "A": 1, "B": 2}
 
@@ -90,3 +101,74 @@ def test_record_round_trip_and_errors_name_file_and_key(tmp_path):
     path.write_text(json.dumps(broken))
     with pytest.raises(ValueError, match=r"postprocessing\.json.*applied"):
         read_postprocessing(path)
+
+
+# ----------------------------------------------------------------------------- where it is applied
+
+def _two_organ_blobs(image: np.ndarray) -> np.ndarray:
+    """Probabilities (5, y, x) for a phantom image: organ (1) in a big and a small blob, else background."""
+    probs = np.zeros((5, *image.shape[1:]), np.float32)
+    probs[0] = 1.0
+    for rows, cols in [(slice(5, 15), slice(5, 15)), (slice(40, 44), slice(40, 44))]:
+        probs[:, rows, cols] = 0.0
+        probs[1, rows, cols] = 1.0
+    return probs
+
+
+@pytest.fixture()
+def checkpoint_with_decision(phantoms_2d, tmp_path):
+    dataset = load_dataset(phantoms_2d)
+    plan = make_plan(dataset, dataset.training[:2], mode="2d")
+    model = create("unet", 2, 1, dataset.num_classes, preset="student")
+    path = tmp_path / "run" / "m.pt"
+    save_checkpoint({"model_spec": model.medkd_spec.to_dict(), "state_dict": model.state_dict(), "step": 5,
+                     "preprocessing": {"plan": plan.to_dict(), "patch_size": [32, 32]},
+                     "labels": dict(dataset.labels)}, path)
+    classes = {n: {"label": v, "applied": v == 1, "dice_without": 0.5, "dice_with": 0.6}
+               for n, v in dataset.labels.items() if v}
+    write_postprocessing(path.parent / "postprocessing.json", {
+        "checkpoint": "m.pt", "step": 5, "foreground_as_one": {"applied": False}, "classes": classes})
+    return path
+
+
+def _organ_voxels(folder):
+    return [int((read_image(p)[0] == 1).sum()) for p in sorted(folder.glob("*.png"))]
+
+
+def test_predictor_applies_the_stored_decision_unless_told_not_to(checkpoint_with_decision, phantoms_2d, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(Predictor, "predict_arrays", lambda self, image, geometry: _two_organ_blobs(image))
+    assert Predictor(checkpoint_with_decision).postprocessing == Postprocessing(classes=(1,))
+    predict_folder(Predictor(checkpoint_with_decision), phantoms_2d / "imagesTs", tmp_path / "post")
+    predict_folder(Predictor(checkpoint_with_decision, postprocess=False), phantoms_2d / "imagesTs", tmp_path / "raw")
+    assert _organ_voxels(tmp_path / "post") == [100, 100] and _organ_voxels(tmp_path / "raw") == [116, 116]
+    runner = CliRunner()
+    for flag, voxels in [([], 100), (["--no-postprocess"], 116)]:
+        out = tmp_path / f"cli{len(flag)}"
+        result = runner.invoke(app, ["predict", "--checkpoint", str(checkpoint_with_decision), "-i",
+                                     str(phantoms_2d / "imagesTs"), "-o", str(out), *flag])
+        assert result.exit_code == 0, result.output
+        assert _organ_voxels(out) == [voxels, voxels]
+
+
+def test_a_decision_for_other_weights_is_not_applied(checkpoint_with_decision, caplog):
+    record_path = checkpoint_with_decision.parent / "postprocessing.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "step": 4}))
+    with caplog.at_level(logging.WARNING):
+        assert Predictor(checkpoint_with_decision).postprocessing is None
+    assert "not applied" in caplog.text and "step 4" in caplog.text
+
+
+def test_a_run_folder_gets_its_decision_and_the_cli_redecides_it(phantoms_2d, tmp_path, tiny_config):
+    run = tmp_path / "run"
+    train(build_config(tiny_config(phantoms_2d, tmp_path / "cache", max_steps=2)), run)
+    record = read_postprocessing(run / "postprocessing.json")
+    assert record["checkpoint"] == "best.pt" and record["step"] == load_checkpoint(run / "best.pt")["step"]
+    assert record["cases"] == ["phantom_004", "phantom_009"] and record["whole_slice"] is True
+    assert list(record["classes"]) == ["organ", "core", "neighbour", "lesion"]
+    assert Predictor(run / "best.pt").postprocessing == Postprocessing.from_record(record)
+    (run / "postprocessing.json").unlink()
+    result = CliRunner().invoke(app, ["postprocess", "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "all foreground as one" in result.output and read_postprocessing(run / "postprocessing.json") == record
