@@ -56,17 +56,19 @@ def validate(model: nn.Module, cases: Sequence[PreprocessedCase], *, mode: str, 
 
 
 def decide_run_postprocessing(checkpoint: str | Path, cases: Sequence[PreprocessedCase], *,
-                              device: torch.device | str = "cpu", output: str | Path | None = None) -> dict[str, Any]:
+                              device: torch.device | str = "cpu", output: str | Path | None = None,
+                              whole_slice: bool | None = None) -> dict[str, Any]:
     """Decide post-processing for ``checkpoint`` on the preprocessed validation ``cases`` and write it.
 
-    Predictions are made as in validation (the run's mode, patch size and whole-slice setting, no
-    TTA) on the preprocessed grid. The record of
+    Predictions are made as in validation (the run's mode, patch size and whole-slice setting,
+    unless ``whole_slice`` says otherwise; no TTA) on the preprocessed grid. The record of
     :func:`~medkd.engine.postprocess.decide_postprocessing`, plus ``checkpoint`` (file name),
     ``step``, ``mode``, ``whole_slice`` and ``cases`` (ids), is written atomically to ``output``
     (default: ``postprocessing.json`` beside the checkpoint) and returned.
     """
     device = torch.device(device)
-    predictor = Predictor(checkpoint, device=str(device), amp=device.type == "cuda", postprocess=False)
+    predictor = Predictor(checkpoint, device=str(device), amp=device.type == "cuda", whole_slice=whole_slice,
+                          postprocess=False)
     predictions, references = [], []
     for case in cases:
         probs = predict_probabilities(predictor.model, case.load_image(), mode=predictor.plan.mode,
@@ -81,15 +83,17 @@ def decide_run_postprocessing(checkpoint: str | Path, cases: Sequence[Preprocess
     return record
 
 
-def run_validation_cases(config: RunConfig, checkpoint: str | Path) -> list[PreprocessedCase]:
+def run_validation_cases(config: RunConfig, checkpoint: str | Path,
+                         cache_root: str | Path | None = None) -> list[PreprocessedCase]:
     """The validation cases of the run described by ``config``, preprocessed with ``checkpoint``'s
-    plan (from the preprocessed-case cache when they are there)."""
+    plan (from the preprocessed-case cache, ``cache_root`` or the run's ``data.cache_dir``, when
+    they are there)."""
     if config.data.dataset is None:
         raise ConfigError("data.dataset is not set in the run's config; cannot find its validation cases")
     dataset = load_dataset(config.data.dataset)
     _, val_ids = split_case_ids(config.data, dataset, seed=config.train.seed)
     plan = PreprocessingPlan.from_dict(load_checkpoint(checkpoint)["preprocessing"]["plan"])
-    store = PreprocessedStore(dataset, plan, config.data.cache_dir)
+    store = PreprocessedStore(dataset, plan, cache_root or config.data.cache_dir)
     return store.ensure([dataset.case(i) for i in val_ids], num_workers=max(1, config.data.num_workers))
 
 
