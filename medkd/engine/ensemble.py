@@ -1,9 +1,9 @@
 r"""Prediction with a teacher set: an ensemble is a model.
 
 :class:`EnsemblePredictor` has the interface of :class:`medkd.engine.inference.Predictor`
-(``predict_arrays``, ``predict_files``, ``labels``, ``num_channels``), so ``predict_folder`` and
-``medkd predict`` take a teacher set wherever they take one checkpoint; :func:`load_predictor`
-picks the right one for a path.
+(``predict_arrays``, ``predict_files``, ``segment``, ``labels``, ``num_channels``), so
+``predict_folder`` and ``medkd predict`` take a teacher set wherever they take one checkpoint;
+:func:`load_predictor` picks the right one for a path.
 
 Each member predicts with its own network, patch size and preprocessing plan (whole 2D slices or
 sliding window, as its run did unless ``whole_slice`` says otherwise, and flip TTA whose mean is
