@@ -46,7 +46,8 @@ def decision(checkpoint: Path, out: Path, console: Console) -> dict:
     if stored.is_file():
         record = read_postprocessing(stored)
         state_step = Predictor(checkpoint, postprocess=False).step
-        if (record.get("checkpoint"), record.get("step"), record.get("whole_slice")) == (checkpoint.name, state_step, True):
+        made_for = (record.get("checkpoint"), record.get("step"), record.get("whole_slice"))
+        if made_for == (checkpoint.name, state_step, True):
             console.print(f"post-processing: the run's own decision {stored}")
             return record
     config = load_config(checkpoint.parent / "config.yaml")
@@ -110,7 +111,8 @@ def main() -> None:
                ("dice_LV", "Dice LV", ".4f"), ("mean_dice", "mean Dice", ".4f"), ("hd95", "HD95", ".2f"),
                ("hd95_RV", "HD95 RV", ".2f"), ("hd95_MYO", "HD95 MYO", ".2f"), ("hd95_LV", "HD95 LV", ".2f"),
                ("pipeline_ms_slice", "pipeline ms/slice", ".1f")]
-    title = (f"ACDC 2D, {len(cases)} test cases, {args.checkpoint} (patch {window.patch_size}, {args.threads} thread(s)); "
+    title = (f"ACDC 2D, {len(cases)} test cases, {args.checkpoint} (patch {window.patch_size}, "
+             f"{args.threads} thread(s)); "
              f"post-processing on {record['num_cases']} val cases: {', '.join(steps) or 'nothing applied'}")
     console.print(comparison_table(rows, columns, title=title))
     write_csv(rows, args.out / "summary.csv")

@@ -10,9 +10,10 @@ the training patch size. 3D mode always uses the Gaussian-weighted sliding windo
 ``predict_probabilities`` works on a preprocessed array; ``Predictor`` goes from image files on disk
 to a segmentation (and optionally float16 softmax probabilities) written with the input's spacing,
 origin and direction; its segmentation is post-processed as decided on the run's validation cases
-(``postprocessing.json`` beside the checkpoint, :mod:`medkd.engine.postprocess`). A teacher set predicts the same way through
-:class:`medkd.engine.ensemble.EnsemblePredictor` (see :func:`medkd.engine.ensemble.load_predictor`),
-which can also write a per-voxel uncertainty map (and does not post-process).
+(``postprocessing.json`` beside the checkpoint, :mod:`medkd.engine.postprocess`). A teacher set
+predicts the same way through :class:`medkd.engine.ensemble.EnsemblePredictor` (see
+:func:`medkd.engine.ensemble.load_predictor`), which can also write a per-voxel uncertainty map
+(and does not post-process).
 """
 
 from __future__ import annotations

@@ -93,7 +93,8 @@ def test_sliding_window_is_kept_on_request_and_in_3d():
     torch.testing.assert_close(windowed, expected.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-6)
     model3d = create("unet", 3, 1, 4, preset="student").eval()
     volume = torch.randn(1, 16, 32, 32)
-    a, b = (predict_probabilities(model3d, volume, mode="3d", patch_size=[16, 32, 32], whole_slice=w) for w in (True, False))
+    a, b = (predict_probabilities(model3d, volume, mode="3d", patch_size=[16, 32, 32], whole_slice=w)
+            for w in (True, False))
     assert torch.equal(a, b)
 
 
