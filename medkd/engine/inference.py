@@ -19,6 +19,7 @@ predicts the same way through :class:`medkd.engine.ensemble.EnsemblePredictor` (
 from __future__ import annotations
 
 import itertools
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -77,13 +78,8 @@ def predict_probabilities(model: nn.Module, image: np.ndarray | torch.Tensor, *,
                                         mode="gaussian", sw_device=device, device="cpu")
 
     if mode == "2d":
-        run = window
-        if whole_slice:
-            divisor = largest_stride(model, 2, volume.shape[0])
-
-            def run(x: torch.Tensor) -> torch.Tensor:
-                return forward_padded(predictor, x, divisor)
-
+        run = partial(forward_padded, predictor, divisor=largest_stride(model, 2, volume.shape[0])) \
+            if whole_slice else window
         slices = volume.permute(1, 0, 2, 3)  # (z, C, y, x): slices as a batch
         chunks = [_mirrored_softmax(run, slices[i:i + batch_size].to(device), tta).cpu()
                   for i in range(0, slices.shape[0], batch_size)]
