@@ -1,22 +1,26 @@
-"""ACDC 2D inference ablation for one trained model: sliding window vs whole slice vs + post-processing.
+"""ACDC 2D inference ablation for one trained model: sliding window vs whole slice, each +- post-processing.
 
-Evaluates a checkpoint (``best.pt`` of a 2D run) on the 40 held-out test volumes three ways:
+Evaluates a checkpoint (``best.pt`` of a 2D run) on the 40 held-out test volumes four ways:
 
-(a) ``window``:     MONAI sliding window of the training patch size (128 px), Gaussian, overlap 0.5;
-(b) ``whole``:      whole slices (zero-padded to a multiple of the network's largest stride);
-(c) ``whole+post``: (b)'s segmentations post-processed as decided on the run's validation cases
-                    (keep the largest component, nnU-Net's rule; :mod:`medkd.engine.postprocess`).
+(a) ``window``:      MONAI sliding window of the training patch size (128 px), Gaussian, overlap 0.5;
+(b) ``whole``:       whole slices (zero-padded to a multiple of the network's largest stride);
+(c) ``whole+post``:  (b)'s segmentations post-processed as decided on the run's validation cases
+                     predicted whole (keep the largest component, nnU-Net's rule;
+                     :mod:`medkd.engine.postprocess`);
+(d) ``window+post``: (a)'s segmentations post-processed as decided on the validation cases
+                     predicted with the sliding window.
 
-No TTA. The decision is the run's ``postprocessing.json`` when it was made for this checkpoint with
-whole slices; otherwise it is made here (validation cases of the run's config, preprocessed into
-``OUT/cache``) and written to ``OUT/postprocessing.json``; the run folder is never written to.
+No TTA. A decision is the run's ``postprocessing.json`` when it was made for this checkpoint with
+the same inference; otherwise it is made here (validation cases of the run's config, preprocessed
+into ``OUT/cache``) and written to ``OUT/postprocessing_<window|whole>.json``; the run folder is
+never written to.
 Pipeline ms/slice is the median over cases of (preprocessing + network + mapping back + argmax
 [+ post-processing]) / slices. Prints one table and writes ``summary.csv/json`` into ``OUT``.
 
     taskset -c 0 env OMP_NUM_THREADS=1 python benchmarks/acdc_2d_inference_ablation.py \\
         --checkpoint /work/bench/teacher_full/best.pt --out bench_runs/acdc_2d_inference_ablation
 
-Not a test: two passes of the model over 40 volumes plus 20 validation volumes.
+Not a test: two passes of the model over 40 test volumes and over the 20 validation volumes.
 """
 
 from __future__ import annotations
@@ -40,20 +44,29 @@ from medkd.evaluation.report import comparison_table, write_csv, write_json
 from acdc_2d_supervised import DEFAULT_DATA, folder_scores
 
 
-def decision(checkpoint: Path, out: Path, console: Console) -> dict:
-    """The run's whole-slice post-processing record for ``checkpoint`` (existing or decided into ``out``)."""
+def decision(checkpoint: Path, out: Path, whole_slice: bool, console: Console) -> dict:
+    """The run's post-processing record for ``checkpoint`` and this inference (existing or decided into ``out``)."""
     stored = checkpoint.parent / "postprocessing.json"
     if stored.is_file():
         record = read_postprocessing(stored)
         state_step = Predictor(checkpoint, postprocess=False).step
         made_for = (record.get("checkpoint"), record.get("step"), record.get("whole_slice"))
-        if made_for == (checkpoint.name, state_step, True):
+        if made_for == (checkpoint.name, state_step, whole_slice):
             console.print(f"post-processing: the run's own decision {stored}")
             return record
     config = load_config(checkpoint.parent / "config.yaml")
     cases = run_validation_cases(config, checkpoint, cache_root=out / "cache")
-    console.print(f"post-processing: deciding on {len(cases)} validation cases of the run")
-    return decide_run_postprocessing(checkpoint, cases, output=out / "postprocessing.json", whole_slice=True)
+    name = "whole" if whole_slice else "window"
+    console.print(f"post-processing ({name}): deciding on {len(cases)} validation cases of the run")
+    return decide_run_postprocessing(checkpoint, cases, output=out / f"postprocessing_{name}.json",
+                                     whole_slice=whole_slice)
+
+
+def applied_steps(record: dict) -> str:
+    """The applied steps of a decision record, e.g. ``all-fg, RV, LV`` (``none`` when nothing is applied)."""
+    steps = ["all-fg"] if record["foreground_as_one"]["applied"] else []
+    steps += [name for name, entry in record["classes"].items() if entry["applied"]]
+    return ", ".join(steps) or "none"
 
 
 def predict_pass(predictor: Predictor, cases: dict[str, list[Path]], folders: dict[str, Path],
@@ -92,31 +105,28 @@ def main() -> None:
         raise SystemExit(f"ACDC not found at {args.data} (expected nnU-Net raw format with dataset.json)")
     torch.set_num_threads(args.threads)
     console = Console(width=200)
-    record = decision(args.checkpoint, args.out, console)
-    post = Postprocessing.from_record(record)
-    pred = args.out / "predictions"
-    window = Predictor(args.checkpoint, whole_slice=False, postprocess=False)
-    whole = Predictor(args.checkpoint, whole_slice=True, postprocess=False)
-    cases = dict(list(group_channel_files(args.data / "imagesTs", window.num_channels).items())[: args.cases])
-    ms = {"window": predict_pass(window, cases, {"raw": pred / "window"}, None)["raw"]}
-    whole_ms = predict_pass(whole, cases, {"raw": pred / "whole", "post": pred / "whole+post"}, post)
-    ms.update({"whole": whole_ms["raw"], "whole+post": whole_ms["post"]})
-    rows = []
-    for name in ["window", "whole", "whole+post"]:
-        row = folder_scores(name, pred / name, args.data, num_workers=1, case_ids=list(cases))
-        rows.append({**row, "pipeline_ms_slice": ms[name]})
-    steps = ["all-fg"] if post.foreground else []
-    steps += [name for name, entry in record["classes"].items() if entry["applied"]]
-    columns = [("model", "inference", "s"), ("dice_RV", "Dice RV", ".4f"), ("dice_MYO", "Dice MYO", ".4f"),
+    pred, rows, records = args.out / "predictions", [], {}
+    for name, whole_slice in (("window", False), ("whole", True)):
+        records[name] = decision(args.checkpoint, args.out, whole_slice, console)
+        predictor = Predictor(args.checkpoint, whole_slice=whole_slice, postprocess=False)
+        cases = dict(list(group_channel_files(args.data / "imagesTs", predictor.num_channels).items())[: args.cases])
+        folders = {"raw": pred / name, "post": pred / f"{name}+post"}
+        ms = predict_pass(predictor, cases, folders, Postprocessing.from_record(records[name]))
+        for key, folder in folders.items():
+            row = folder_scores(folder.name, folder, args.data, num_workers=1, case_ids=list(cases))
+            rows.append({**row, "post": applied_steps(records[name]) if key == "post" else "-",
+                         "pipeline_ms_slice": ms[key]})
+    columns = [("model", "inference", "s"), ("post", "post-processing", "s"),
+               ("dice_RV", "Dice RV", ".4f"), ("dice_MYO", "Dice MYO", ".4f"),
                ("dice_LV", "Dice LV", ".4f"), ("mean_dice", "mean Dice", ".4f"), ("hd95", "HD95", ".2f"),
                ("hd95_RV", "HD95 RV", ".2f"), ("hd95_MYO", "HD95 MYO", ".2f"), ("hd95_LV", "HD95 LV", ".2f"),
                ("pipeline_ms_slice", "pipeline ms/slice", ".1f")]
-    title = (f"ACDC 2D, {len(cases)} test cases, {args.checkpoint} (patch {window.patch_size}, "
-             f"{args.threads} thread(s)); "
-             f"post-processing on {record['num_cases']} val cases: {', '.join(steps) or 'nothing applied'}")
+    title = (f"ACDC 2D, {len(cases)} test cases, {args.checkpoint} (patch {predictor.patch_size}, "
+             f"{args.threads} thread(s), no TTA); post-processing decided on "
+             f"{records['whole']['num_cases']} validation cases")
     console.print(comparison_table(rows, columns, title=title))
     write_csv(rows, args.out / "summary.csv")
-    write_json({"rows": rows, "postprocessing": record}, args.out / "summary.json")
+    write_json({"rows": rows, "postprocessing": records}, args.out / "summary.json")
 
 
 if __name__ == "__main__":
