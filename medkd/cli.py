@@ -375,7 +375,7 @@ def predict_cmd(
     tta: Annotated[bool, typer.Option(help="average over mirrored inputs")] = False,
     whole_slice: Annotated[Optional[bool], typer.Option(
         "--whole-slice/--no-whole-slice", help="2D models: predict whole slices, or slide a window of the "
-        "training patch size (default: as the run did, data.whole_slice_inference)")] = None,
+        "training patch size (default: as the run validated, data.whole_slice_inference)")] = None,
     postprocess: Annotated[bool, typer.Option(help="single models: apply postprocessing.json beside the checkpoint "
                                                    "(keep the largest component where it raised validation Dice); "
                                                    "teacher sets never post-process")] = True,

@@ -90,9 +90,14 @@ def predict_probabilities(model: nn.Module, image: np.ndarray | torch.Tensor, *,
 
 
 def checkpoint_whole_slice(state: dict) -> bool:
-    """Whether the run of checkpoint ``state`` predicted 2D slices whole (its config's
-    ``data.whole_slice_inference``); ``True``, the default, for checkpoints without a config or key."""
-    return bool(((state.get("config") or {}).get("data") or {}).get("whole_slice_inference", True))
+    """Whether the run of checkpoint ``state`` predicted 2D slices whole: its config's
+    ``data.whole_slice_inference``. A run whose config lacks the key predates whole-slice inference
+    and was validated with the sliding window (``False``); a checkpoint without a config gets the
+    default (``True``)."""
+    config = state.get("config")
+    if not config:
+        return True
+    return bool((config.get("data") or {}).get("whole_slice_inference", False))
 
 
 class Predictor:

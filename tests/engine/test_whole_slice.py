@@ -112,9 +112,11 @@ def test_predictor_follows_the_run_unless_told(tmp_path, phantoms_2d):
     model = create("unet", 2, 1, dataset.num_classes, preset="student")
     state = {"model_spec": model.medkd_spec.to_dict(), "state_dict": model.state_dict(),
              "preprocessing": {"plan": plan.to_dict(), "patch_size": [32, 32]}, "labels": dict(dataset.labels)}
-    save_checkpoint(state, tmp_path / "old.pt")  # no config: whole slices, the default
+    save_checkpoint(state, tmp_path / "old.pt")  # no config at all: whole slices, the default
     save_checkpoint({**state, "config": {"data": {"whole_slice_inference": False}}}, tmp_path / "sw.pt")
     assert checkpoint_whole_slice({}) and Predictor(tmp_path / "old.pt").whole_slice
+    assert checkpoint_whole_slice({"config": {"data": {"whole_slice_inference": True}}})
+    assert not checkpoint_whole_slice({"config": {"data": {"mode": "2d"}}})  # a run from before the option
     assert not Predictor(tmp_path / "sw.pt").whole_slice
     assert Predictor(tmp_path / "sw.pt", whole_slice=True).whole_slice
     assert not Predictor(tmp_path / "old.pt", whole_slice=False).whole_slice
