@@ -66,20 +66,30 @@ def test_scores(name: str, predictor, dataset_root: Path, out: Path, reuse_after
 
     With ``reuse_after`` (the model's checkpoint), a stored evaluation newer than that file is reused.
     """
-    dataset = load_dataset(dataset_root)
     pred_dir = out / "predictions" / name
     stored = pred_dir / "evaluation" / "summary.json"
     if reuse_after is not None and stored.is_file() and stored.stat().st_mtime > Path(reuse_after).stat().st_mtime:
-        summary = json.loads(stored.read_text())
-    else:
-        predict_folder(predictor, dataset_root / "imagesTs", pred_dir, overwrite=True)
-        result = evaluate_folder(pred_dir, dataset_root / "labelsTs", {v: k for k, v in dataset.labels.items()},
-                                 num_workers=2)
-        result.save(pred_dir / "evaluation")
-        summary = result.summary()
+        return score_row(name, json.loads(stored.read_text()), load_dataset(dataset_root).class_names)
+    predict_folder(predictor, dataset_root / "imagesTs", pred_dir, overwrite=True)
+    return folder_scores(name, pred_dir, dataset_root)
+
+
+def folder_scores(name: str, pred_dir: Path, dataset_root: Path, num_workers: int = 2,
+                  case_ids: list[str] | None = None) -> dict:
+    """Evaluate the segmentations in ``pred_dir`` against labelsTs (all cases, or ``case_ids``), saved
+    in ``pred_dir/evaluation``; one row."""
+    dataset = load_dataset(dataset_root)
+    result = evaluate_folder(pred_dir, dataset_root / "labelsTs", {v: k for k, v in dataset.labels.items()},
+                             num_workers=num_workers, case_ids=case_ids)
+    result.save(pred_dir / "evaluation")
+    return score_row(name, result.summary(), dataset.class_names)
+
+
+def score_row(name: str, summary: dict, class_names: list[str]) -> dict:
+    """Mean and per-class Dice / HD95 of an evaluation summary (``class_names[0]`` is the background)."""
     row = {"model": name, "mean_dice": summary["mean_foreground"]["dice_mean"],
            "hd95": summary["mean_foreground"]["hd95_mean"]}
-    for cls in dataset.class_names[1:]:
+    for cls in class_names[1:]:
         row[f"dice_{cls}"] = summary[cls]["dice_mean"]
         row[f"hd95_{cls}"] = summary[cls]["hd95_mean"]
     return row

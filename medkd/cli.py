@@ -382,6 +382,12 @@ def predict_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for CASE.ext segmentations")],
     split: Annotated[str, typer.Option(help="for a dataset folder: test (imagesTs) or train (imagesTr)")] = "test",
     tta: Annotated[bool, typer.Option(help="average over mirrored inputs")] = False,
+    whole_slice: Annotated[Optional[bool], typer.Option(
+        "--whole-slice/--no-whole-slice", help="2D models: predict whole slices, or slide a window of the "
+        "training patch size (default: as the run validated, data.whole_slice_inference)")] = None,
+    postprocess: Annotated[bool, typer.Option(help="single models: apply postprocessing.json beside the checkpoint "
+                                                   "(keep the largest component where it raised validation Dice); "
+                                                   "teacher sets never post-process")] = True,
     combine: Annotated[str, typer.Option(help="teacher sets: mean_prob (average member probabilities) or "
                                               "mean_logits (softmax of averaged member logits)")] = "mean_prob",
     uncertainty: Annotated[bool, typer.Option(help="teacher sets of 2+ members: also write CASE_uncertainty.ext "
@@ -398,13 +404,37 @@ def predict_cmd(
     from medkd.engine.ensemble import load_predictor
     from medkd.engine.inference import predict_folder
 
-    predictor = load_predictor(checkpoint, device=device, tta=tta, amp=device.startswith("cuda"), combine=combine)
+    predictor = load_predictor(checkpoint, device=device, tta=tta, amp=device.startswith("cuda"), combine=combine,
+                               whole_slice=whole_slice, postprocess=postprocess)
     written = predict_folder(predictor, _input_folder(input, split), output, save_probs=save_probabilities,
                              uncertainty=uncertainty, overwrite=overwrite,
                              progress=lambda items: tqdm(items, desc="predict", unit="case"))
     what = f"segmentation(s) of {predictor.num_members} combined member(s)" if predictor.num_members > 1 \
         else "segmentation(s)"
     console.print(f"wrote {len(written)} {what}{' and uncertainty maps' if uncertainty else ''} to {output}")
+
+
+@app.command("postprocess")
+@cli_errors
+def postprocess_cmd(
+    run_dir: Annotated[Path, typer.Option(help="a training run folder (config.yaml, best.pt)")],
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """(Re)decide the post-processing of a run on its validation cases; writes RUN_DIR/postprocessing.json.
+
+    nnU-Net's rule: keep only the largest connected component (all foreground as one, then per class)
+    where that raises the validation Dice. `medkd predict` applies it to this run's best.pt.
+    """
+    from medkd.engine.validation import postprocess_run
+
+    _setup_logging(False)
+    record = postprocess_run(run_dir, device=device)
+    steps = {"all foreground as one": record["foreground_as_one"], **record["classes"]}
+    for name, step in steps.items():
+        without, with_ = ("n/a" if d is None else f"{d:.4f}" for d in (step["dice_without"], step["dice_with"]))
+        console.print(f"  {name}: {'applied' if step['applied'] else 'not applied'} "
+                      f"(validation Dice {without} without, {with_} with)")
+    console.print(f"decided on {record['num_cases']} validation case(s); written {run_dir / 'postprocessing.json'}")
 
 
 def _class_names(labels_json: Optional[Path], ref_dir: Path) -> dict[int, str]:

@@ -64,6 +64,10 @@ class DataConfig(_Strict):
                                    "unlabelled images (when there are any); the supervised term sees only labelled samples")
     mode: Literal["2d", "3d"] = "2d"
     patch_size: list[int] = Field(default_factory=lambda: [128, 128])
+    whole_slice_inference: bool = Field(False, description="2D mode: validation and `medkd predict` run whole "
+                                         "slices (zero-padded to a multiple of the network's largest stride) "
+                                         "instead of a sliding window of patch_size; for networks trained on "
+                                         "(nearly) whole slices. 3D always slides a window")
     batch_size: int = Field(16, ge=1)
     foreground_oversample: float = Field(0.33, ge=0, le=1)
     normalization: Literal["auto", "zscore", "ct", "none"] = "auto"

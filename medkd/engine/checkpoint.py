@@ -11,8 +11,11 @@ with ``torch.load(..., weights_only=True)``: no pickled code is ever executed. K
 ``step``, ``elapsed_s``, ``best_metric``, ``best_step``
 ``preprocessing`` the preprocessing plan (normalisation, spacing, crop, mode, patch size)
 ``labels``        {class name: value}
-``config``        the fully resolved run config
+``config``        the fully resolved run config (``data.whole_slice_inference``: how 2D inference runs)
 ``torch_rng``     CPU RNG state, so a resumed run continues the same random stream
+
+``postprocessing.json`` beside ``best.pt`` (:mod:`medkd.engine.postprocess`) records the
+post-processing decided for that checkpoint (its file name and ``step``).
 """
 
 from __future__ import annotations

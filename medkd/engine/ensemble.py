@@ -1,15 +1,20 @@
 r"""Prediction with a teacher set: an ensemble is a model.
 
 :class:`EnsemblePredictor` has the interface of :class:`medkd.engine.inference.Predictor`
-(``predict_arrays``, ``predict_files``, ``labels``, ``num_channels``), so ``predict_folder`` and
-``medkd predict`` take a teacher set wherever they take one checkpoint; :func:`load_predictor`
-picks the right one for a path.
+(``predict_arrays``, ``predict_files``, ``segment``, ``labels``, ``num_channels``), so
+``predict_folder`` and ``medkd predict`` take a teacher set wherever they take one checkpoint;
+:func:`load_predictor` picks the right one for a path.
 
-Each member predicts with its own network, patch size and preprocessing plan (sliding window, and
-flip TTA whose mean is the member's probability), and its probabilities are mapped back to the
+Each member predicts with its own network, patch size and preprocessing plan (whole 2D slices or
+sliding window, as its run did unless ``whole_slice`` says otherwise, and flip TTA whose mean is
+the member's probability), and its probabilities are mapped back to the
 image's original grid before they are combined, as nnU-Net does when it ensembles configurations.
 Members may therefore differ in architecture, patch size, 2D/3D mode or normalisation statistics;
 they must share the labels (and so the number of classes) and the input channels.
+
+No post-processing: a member's ``postprocessing.json`` was decided on that member's own validation
+predictions, not on the combined ones, so the ensemble's segmentation is the plain argmax of the
+combined probabilities (nnU-Net likewise decides post-processing separately for an ensemble).
 
 Combination rules for member probabilities ``p_m`` ``(K, *spatial)``, ``m = 1..M``:
 
@@ -136,7 +141,7 @@ class EnsemblePredictor:
         teachers: a :class:`~medkd.teachers.manifest.TeacherSet`, or a path that
             :func:`~medkd.teachers.manifest.open_teachers` accepts (``teachers.json``, its folder, a
             checkpoint).
-        device, tta, amp: as for :class:`~medkd.engine.inference.Predictor`, for every member.
+        device, tta, amp, whole_slice: as for :class:`~medkd.engine.inference.Predictor`, for every member.
         combine: ``"mean_prob"`` or ``"mean_logits"`` (see the module docstring).
 
     All member networks are loaded once and kept (so a folder of cases loads each checkpoint once).
@@ -147,11 +152,12 @@ class EnsemblePredictor:
     """
 
     def __init__(self, teachers: TeacherSet | str | Path, device: str = "cpu", tta: bool = False,
-                 amp: bool = False, combine: str = "mean_prob") -> None:
+                 amp: bool = False, combine: str = "mean_prob", whole_slice: bool | None = None) -> None:
         self.teachers = teachers if isinstance(teachers, TeacherSet) else open_teachers(teachers)
         self.combine = check_rule(combine)
         self.labels: dict[str, int] = dict(self.teachers.labels)
-        self.members = [Predictor(m.checkpoint, device=device, tta=tta, amp=amp) for m in self.teachers.members]
+        self.members = [Predictor(m.checkpoint, device=device, tta=tta, amp=amp, whole_slice=whole_slice,
+                                  postprocess=False) for m in self.teachers.members]
         for member, predictor in zip(self.teachers.members, self.members):
             self._check_member(member.name, predictor)
         self._plan_keys = [p.plan.fingerprint() for p in self.members]
@@ -210,25 +216,33 @@ class EnsemblePredictor:
         stats = self._statistics(image, geometry, spread=True)
         return stats.combined().numpy(), stats.voxel_uncertainty().numpy()
 
+    def segment(self, probabilities: np.ndarray) -> np.ndarray:
+        """Label map (*spatial) uint8: the argmax of combined probabilities (no post-processing, see above)."""
+        return segmentation(probabilities)
+
     def predict_files(self, image_files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, Geometry]:
         """Segmentation and combined probabilities for one case given its channel files."""
         image, geometry = read_case(image_files)
         probs = self.predict_arrays(image, geometry)
-        return segmentation(probs), probs, geometry
+        return self.segment(probs), probs, geometry
 
 
 def load_predictor(path: str | Path, *, device: str = "cpu", tta: bool = False, amp: bool = False,
-                   combine: str = "mean_prob") -> Predictor | EnsemblePredictor:
+                   combine: str = "mean_prob", whole_slice: bool | None = None,
+                   postprocess: bool = True) -> Predictor | EnsemblePredictor:
     """A :class:`Predictor` for one checkpoint, an :class:`EnsemblePredictor` for a teacher set.
 
     ``path`` is a checkpoint (``best.pt``), a ``teachers.json`` or a folder holding one. A single
-    checkpoint predicts exactly as before (``combine`` is checked but has nothing to combine).
+    checkpoint predicts exactly as before (``combine`` is checked but has nothing to combine) and
+    applies its ``postprocessing.json`` unless ``postprocess=False``; a teacher set never
+    post-processes. ``whole_slice`` (``None``: as each run did) applies to every model.
     """
     check_rule(combine)
     path = Path(path)
     if is_manifest(path):
-        return EnsemblePredictor(load_manifest(path), device=device, tta=tta, amp=amp, combine=combine)
+        return EnsemblePredictor(load_manifest(path), device=device, tta=tta, amp=amp, combine=combine,
+                                 whole_slice=whole_slice)
     if not path.is_file():
         raise ManifestError(f"model not found: {path} (expected a checkpoint .pt, a teachers.json or a folder "
                             "holding one)")
-    return Predictor(path, device=device, tta=tta, amp=amp)
+    return Predictor(path, device=device, tta=tta, amp=amp, whole_slice=whole_slice, postprocess=postprocess)

@@ -10,7 +10,8 @@ first. The learning rate follows the poly schedule ``lr = lr0 * (1 - progress)^0
 ``progress`` is the larger of the step fraction and the elapsed-time fraction.
 
 Run folder: ``config.yaml`` (resolved config), ``last.pt`` / ``best.pt`` (atomic), ``train_log.csv``,
-``val_log.csv``, ``tensorboard/``, ``result.json``. ``resume=True`` continues from ``last.pt``: weights,
+``val_log.csv``, ``tensorboard/``, ``postprocessing.json`` (decided for ``best.pt`` on the validation
+cases, see :mod:`medkd.engine.postprocess`), ``result.json``. ``resume=True`` continues from ``last.pt``: weights,
 optimiser, step, elapsed time, best score and RNG state, and the data stream continues at the same
 sample (see :mod:`medkd.data.loaders`), so an interrupted run ends with the same weights as an
 uninterrupted one (step budgets; a time budget depends on the clock).
@@ -38,7 +39,7 @@ from medkd.data.loaders import PatchDataset, make_train_loader
 from medkd.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from medkd.engine.data_setup import TrainingData, prepare_training_data
 from medkd.engine.tasks import SupervisedTask
-from medkd.engine.validation import validate
+from medkd.engine.validation import decide_run_postprocessing, validate
 from medkd.losses import build_supervised_loss
 from medkd.models import create
 
@@ -195,7 +196,7 @@ class Trainer:
             cases = self.data.val[: cfg.train.val_max_cases] if cfg.train.val_max_cases else self.data.val
             dice = validate(self.raw_task.network, cases, mode=cfg.data.mode, patch_size=cfg.data.patch_size,
                             num_classes=self.data.dataset.num_classes, device=self.fabric.device,
-                            amp=self.fabric.device.type == "cuda")
+                            amp=self.fabric.device.type == "cuda", whole_slice=cfg.data.whole_slice_inference)
             metric = float(np.nanmean(dice)) if not np.all(np.isnan(dice)) else 0.0
             self.state["last_val"] = [float(d) for d in dice]
             names = self.data.dataset.class_names[1:]
@@ -326,6 +327,7 @@ class Trainer:
             summary = {**result.__dict__, "run_dir": str(self.run_dir),
                        "class_names": self.data.dataset.class_names[1:], "world_size": self.fabric.world_size,
                        "ranks_in_sync": in_sync}
+            decide_run_postprocessing(self.run_dir / "best.pt", self.data.val, device=self.fabric.device)
             atomic_write_text(self.run_dir / "result.json", json.dumps(summary, indent=1))
         return result
 

@@ -1,9 +1,11 @@
-"""Validation Dice during training, on preprocessed cases (the grid the network sees)."""
+"""Validation on preprocessed cases (the grid the network sees): Dice during training, and the
+post-processing decision at the end of a run (:mod:`medkd.engine.postprocess`)."""
 
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -11,8 +13,13 @@ from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from torch import nn
 
-from medkd.data.preprocess import PreprocessedCase
-from medkd.engine.inference import predict_probabilities
+from medkd.config import ConfigError, RunConfig, load_config
+from medkd.data.dataset import load_dataset
+from medkd.data.preprocess import PreprocessedCase, PreprocessedStore, PreprocessingPlan
+from medkd.engine.checkpoint import load_checkpoint
+from medkd.engine.data_setup import split_case_ids
+from medkd.engine.inference import Predictor, predict_probabilities, segmentation
+from medkd.engine.postprocess import POSTPROCESSING_FILE, decide_postprocessing, write_postprocessing
 
 
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -27,13 +34,17 @@ def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) ->
 
 
 def validate(model: nn.Module, cases: Sequence[PreprocessedCase], *, mode: str, patch_size: Sequence[int],
-             num_classes: int, device: torch.device | str = "cpu", amp: bool = False) -> np.ndarray:
-    """Mean Dice per foreground class over ``cases`` (NaN-aware). Restores the model's train mode."""
+             num_classes: int, device: torch.device | str = "cpu", amp: bool = False,
+             whole_slice: bool = False) -> np.ndarray:
+    """Mean Dice per foreground class over ``cases`` (NaN-aware). Restores the model's train mode.
+
+    2D mode slides a window of ``patch_size`` over each slice, or predicts whole slices with ``whole_slice``.
+    """
     was_training = model.training
     scores = []
     for case in cases:
         probs = predict_probabilities(model, case.load_image(), mode=mode, patch_size=patch_size,
-                                      device=device, amp=amp)
+                                      device=device, amp=amp, whole_slice=whole_slice)
         label = torch.from_numpy(np.array(case.load_label()[0]))
         scores.append(dice_per_class(probs.argmax(0), label, num_classes))
     model.train(was_training)
@@ -42,3 +53,54 @@ def validate(model: nn.Module, cases: Sequence[PreprocessedCase], *, mode: str, 
     with warnings.catch_warnings():  # a class absent from every case stays NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(np.stack(scores), axis=0)
+
+
+def decide_run_postprocessing(checkpoint: str | Path, cases: Sequence[PreprocessedCase], *,
+                              device: torch.device | str = "cpu", output: str | Path | None = None,
+                              whole_slice: bool | None = None) -> dict[str, Any]:
+    """Decide post-processing for ``checkpoint`` on the preprocessed validation ``cases`` and write it.
+
+    Predictions are made as in validation (the run's mode, patch size and whole-slice setting,
+    unless ``whole_slice`` says otherwise; no TTA) on the preprocessed grid. The record of
+    :func:`~medkd.engine.postprocess.decide_postprocessing`, plus ``checkpoint`` (file name),
+    ``step``, ``mode``, ``whole_slice`` and ``cases`` (ids), is written atomically to ``output``
+    (default: ``postprocessing.json`` beside the checkpoint) and returned.
+    """
+    device = torch.device(device)
+    predictor = Predictor(checkpoint, device=str(device), amp=device.type == "cuda", whole_slice=whole_slice,
+                          postprocess=False)
+    predictions, references = [], []
+    for case in cases:
+        probs = predict_probabilities(predictor.model, case.load_image(), mode=predictor.plan.mode,
+                                      patch_size=predictor.patch_size, device=device, amp=predictor.amp,
+                                      whole_slice=predictor.whole_slice)
+        predictions.append(segmentation(probs.numpy()))
+        references.append(np.asarray(case.load_label()[0]))
+    record = {"checkpoint": predictor.checkpoint.name, "step": predictor.step, "mode": predictor.plan.mode,
+              "whole_slice": predictor.whole_slice, "cases": [case.case_id for case in cases],
+              **decide_postprocessing(predictions, references, predictor.labels)}
+    write_postprocessing(output or predictor.checkpoint.parent / POSTPROCESSING_FILE, record)
+    return record
+
+
+def run_validation_cases(config: RunConfig, checkpoint: str | Path,
+                         cache_root: str | Path | None = None) -> list[PreprocessedCase]:
+    """The validation cases of the run described by ``config``, preprocessed with ``checkpoint``'s
+    plan (from the preprocessed-case cache, ``cache_root`` or the run's ``data.cache_dir``, when
+    they are there)."""
+    if config.data.dataset is None:
+        raise ConfigError("data.dataset is not set in the run's config; cannot find its validation cases")
+    dataset = load_dataset(config.data.dataset)
+    _, val_ids = split_case_ids(config.data, dataset, seed=config.train.seed)
+    plan = PreprocessingPlan.from_dict(load_checkpoint(checkpoint)["preprocessing"]["plan"])
+    store = PreprocessedStore(dataset, plan, cache_root or config.data.cache_dir)
+    return store.ensure([dataset.case(i) for i in val_ids], num_workers=max(1, config.data.num_workers))
+
+
+def postprocess_run(run_dir: str | Path, *, device: str = "cpu", output: str | Path | None = None) -> dict[str, Any]:
+    """(Re)decide the post-processing of the run in ``run_dir`` for its ``best.pt`` on its validation
+    cases (``run_dir/config.yaml``); writes ``run_dir/postprocessing.json`` unless ``output`` is given."""
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / "best.pt"
+    cases = run_validation_cases(load_config(run_dir / "config.yaml"), checkpoint)
+    return decide_run_postprocessing(checkpoint, cases, device=device, output=output)

@@ -44,3 +44,8 @@ __all__ += [
     "list_tappable",
     "stage_channels",
 ]
+
+# whole-input forward: zero-pad to a multiple of the largest stride, crop back
+from medkd.models.padding import forward_padded, largest_stride  # noqa: E402
+
+__all__ += ["forward_padded", "largest_stride"]
