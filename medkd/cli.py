@@ -140,8 +140,8 @@ def _train_options(
                                                          "other cases as unlabelled images")] = None,
     labeled_fraction: Annotated[Optional[float], typer.Option(help="few labels: like --labeled-cases, as a "
                                                               "fraction of the training cases")] = None,
-    unlabeled: Annotated[Optional[list[Path]], typer.Option(help="distill: folder of unlabelled images "
-                                                            "(CASE_XXXX<ending>); repeatable")] = None,
+    unlabeled: Annotated[Optional[list[Path]], typer.Option(metavar="DIR", help="distill: folder of unlabelled "
+                                                            "images (CASE_XXXX<ending>); repeatable")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --run-dir from last.pt")] = False,
     verbose: bool = False,
 ) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from medkd.models import count_parameters
 
 DEMO_CASES = {"num_train": 48, "num_test": 12}
 DEMO_LABELED = 6  # training cases that keep their labels; the other 32 of fold 0 are unlabelled images
-DEMO_RECIPES = ("logit-kd", "reco-kd")
+DEMO_RECIPES = ("pseudo-kd", "logit-kd", "reco-kd")
 
 
 MODELS = [("teacher", {"name": "unet", "preset": "teacher", "shrink": 1}),

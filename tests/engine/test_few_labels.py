@@ -186,3 +186,28 @@ def test_few_label_distillation_from_the_cli(phantoms_2d, tmp_path, tiny_config)
     assert len(cached) == 8 + 2  # every training case (labelled or not) and every unlabelled image
     with open(tmp_path / "student" / "train_log.csv") as handle:
         assert all(np.isfinite(float(r["kl"])) for r in csv.DictReader(handle))
+
+
+def test_3d_unlabelled_patches_follow_the_cached_teacher(phantoms_3d, tmp_path, tiny_config):
+    from medkd.teachers.cache import CachedTarget
+
+    tree = tiny_config(phantoms_3d, tmp_path)
+    tree["data"].update(mode="3d", patch_size=[8, 16, 16], labeled_cases=1)
+    data = prepare_training_data(build_config(tree).data, with_unlabeled=True)
+    targets = []
+    for case in [*data.train, *data.unlabeled]:  # stand-in teacher: class 1 in one small corner block only
+        shape = np.asarray(case.load_image()).shape[1:]
+        logits = np.zeros((2, *shape), dtype=np.float16)
+        logits[1, :4, :6, :6] = 10.0
+        np.save(tmp_path / f"{case.case_id}_t.npy", logits)
+        targets.append(CachedTarget({"logits": tmp_path / f"{case.case_id}_t.npy"}, num_classes=2))
+
+    def hits(oversample: float) -> float:
+        dataset = PatchDataset(data.train, spatial_dims=3, patch_size=[8, 16, 16], unlabeled=data.unlabeled,
+                               unlabeled_ratio=0.9, oversample=oversample, soft_targets=targets, seed=0)
+        items = [item for item in (dataset[k] for k in range(40)) if not item["labeled"]]
+        assert items and all(item["label"].shape == (1, 8, 16, 16) and item["label"].sum() == 0 for item in items)
+        return float(np.mean([float(item["teacher"][1].max() > 0) for item in items]))
+
+    # unlabelled patches centre on where the teacher sees a class: all of them contain the small block
+    assert hits(1.0) == 1.0 and hits(0.0) < 0.5
