@@ -28,7 +28,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from medkd.config import ConfigError
     from medkd.data.dataset import DatasetError
     from medkd.data.io import ImageReadError
-    from medkd.engine.checkpoint import CheckpointError
+    from medkd.storage import CheckpointError
 
     return (ConfigError, DatasetError, ImageReadError, CheckpointError, FileExistsError, FileNotFoundError,
             NotADirectoryError, ValueError, FloatingPointError)
@@ -245,7 +245,7 @@ def distill_cmd(
     (first) teacher's run; flags and --set override them. Logit-only recipes read the teachers'
     combined outputs from the teacher-output cache (computed once); feature recipes run them live.
     """
-    from medkd.engine.checkpoint import load_checkpoint
+    from medkd.storage import load_checkpoint
     from medkd.recipes import load_recipe
     from medkd.teachers.manifest import open_teachers
 

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from medkd.config import RunConfig, TrainConfig, build_config
-from medkd.engine.checkpoint import atomic_write_text, load_checkpoint
 from medkd.engine.trainer import RunDirError, train
+from medkd.storage import atomic_write_text, load_checkpoint
 from medkd.teachers.manifest import MANIFEST_NAME, TeacherMember, TeacherSet, load_manifest
 
 log = logging.getLogger(__name__)
