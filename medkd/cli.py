@@ -297,7 +297,7 @@ def train_teachers_cmd(
     Options given with --resume must match OUT/plan.json; with none, the stored plan is used.
     """
     from medkd.config import load_config
-    from medkd.teachers.train import make_plan, train_teacher_set
+    from medkd.workflows.train_teachers import make_plan, train_teacher_set
 
     _setup_logging(opts["verbose"])
     if opts["run_dir"] is not None and out is not None and opts["run_dir"] != out:

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-import medkd.teachers.train as tt
+import medkd.workflows.train_teachers as tt
 from medkd.config import build_config
 from medkd.engine.trainer import RunDirError
 from medkd.teachers.manifest import load_manifest, open_teachers
-from medkd.teachers.train import (
+from medkd.workflows.train_teachers import (
     TeacherPlan,
     TeacherPlanError,
     fold_training_cases,
