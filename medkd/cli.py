@@ -89,25 +89,6 @@ def check_data_cmd(
     console.print(f"[green]ok[/]: {dataset} passed all checks")
 
 
-def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE (dotted key, YAML value), got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def _default_run_dir(model: str, preset: str) -> Path:
-    import datetime
-
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}_{model}_{preset}"
-
-
 def _train_options(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (data/model/train sections)")] = None,
     dataset: Annotated[Optional[Path], typer.Option(help="dataset folder (data.dataset)")] = None,
@@ -149,47 +130,22 @@ def _train_options(
     return dict(locals())
 
 
-def _config_overrides(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Dotted-key config overrides from the shared training options (only those given)."""
-    o = opts
-    dataset, model, preset, shrink, mode = o["dataset"], o["model"], o["preset"], o["shrink"], o["mode"]
-    patch_size, devices = o["patch_size"], o["devices"]
-    overrides = {
-        "data.dataset": str(dataset) if dataset else None, "model.name": model, "model.preset": preset,
-        "model.shrink": shrink, "data.mode": mode, "data.batch_size": o["batch_size"], "data.fold": o["fold"],
-        "data.patch_size": [int(v) for v in patch_size.split(",")] if patch_size else None,
-        "data.num_workers": o["num_workers"], "data.data_fraction": o["data_fraction"], "train.loss": o["loss"],
-        "data.labeled_cases": o["labeled_cases"], "data.labeled_fraction": o["labeled_fraction"],
-        "data.unlabeled": [str(p) for p in o["unlabeled"]] if o["unlabeled"] else None,
-        "train.optimizer": o["optimizer"], "train.lr": o["lr"], "train.max_steps": o["max_steps"],
-        "train.max_epochs": o["max_epochs"], "train.max_time_min": o["max_time_min"], "train.val_every": o["val_every"],
-        "train.seed": o["seed"], "train.accelerator": o["accelerator"],
-        "train.devices": int(devices) if devices and devices.isdigit() else devices, "train.num_nodes": o["num_nodes"],
-        "train.strategy": o["strategy"], "train.precision": o["precision"],
-    }
-    # precedence: --set > flags > defaults passed by the command (e.g. the teacher's data settings)
-    return {**(extra or {}), **{k: v for k, v in overrides.items() if v is not None}, **_parse_set(o["set_"])}
+def _run_training(opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+    """Resolve the config from --config, flags and --set (over ``defaults``); run it, or resume --run-dir."""
+    from medkd.workflows.train import config_overrides, resolve_config, resume_run, train_run
 
-
-def _run_training(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    """Resolve the config from --config, flags and --set; run it (or resume it) in its run folder."""
-    from medkd.config import load_config
-    from medkd.engine.trainer import train
-
-    config, run_dir, resume = opts["config"], opts["run_dir"], opts["resume"]
+    config, run_dir = opts["config"], opts["run_dir"]
     _setup_logging(opts["verbose"])
-    overrides = _config_overrides(opts, extra)
-    if resume:
+    overrides = config_overrides(opts, defaults)
+    if opts["resume"]:
         if run_dir is None:
             raise ValueError("--resume needs --run-dir (the folder of the run to continue)")
         ignored = [k for k, v in overrides.items() if v is not None]
         if ignored or config:
             err_console.print(f"note: resuming uses {run_dir / 'config.yaml'}; ignoring {', '.join(ignored) or '--config'}")
-        result = train(None, run_dir, resume=True)
+        result = resume_run(run_dir)
     else:
-        cfg = load_config(config, overrides)
-        run_dir = run_dir or _default_run_dir(cfg.model.name, cfg.model.preset)
-        result = train(cfg, run_dir)
+        result = train_run(resolve_config(config, overrides), run_dir)
     if result is not None and result.run_dir:
         console.print(f"done: {result.steps} steps in {result.elapsed_s:.0f}s, best val Dice "
                       f"{result.best_metric:.4f} at step {result.best_step}; run folder {result.run_dir}")
@@ -260,7 +216,7 @@ def distill_cmd(
     if recipe_spec.data.data_fraction is not None and opts["data_fraction"] is None:
         extra["data.data_fraction"] = recipe_spec.data.data_fraction
     opts = {**opts, "preset": None}
-    _run_training(opts, extra={**{f"data.{k}": v for k, v in base["data"].items()}, **extra})
+    _run_training(opts, defaults={**{f"data.{k}": v for k, v in base["data"].items()}, **extra})
 
 
 def _comma_list(value: Optional[str]) -> list[str] | None:
@@ -296,22 +252,22 @@ def train_teachers_cmd(
 
     Options given with --resume must match OUT/plan.json; with none, the stored plan is used.
     """
-    from medkd.config import load_config
+    from medkd.workflows.train import config_overrides, default_run_dir, resolve_config
     from medkd.workflows.train_teachers import make_plan, train_teacher_set
 
     _setup_logging(opts["verbose"])
     if opts["run_dir"] is not None and out is not None and opts["run_dir"] != out:
         raise ValueError("give the teacher-set folder once: --out (--run-dir is an alias)")
     out, group_by = out or opts["run_dir"], None if group_by == "random" else group_by
-    overrides = _config_overrides(opts)
+    overrides = config_overrides(opts)
     plan_options = dict(members=members, models=_comma_list(models), losses=_comma_list(losses), subsets=subsets,
                         group_by=group_by, aux_weight=aux_weight, aux_tap=aux_tap)
     plan = None
     if not opts["resume"] or overrides or opts["config"] or kind or any(v is not None for v in plan_options.values()):
-        plan = make_plan(kind or "uniform", load_config(opts["config"], overrides), **plan_options)
+        plan = make_plan(kind or "uniform", resolve_config(opts["config"], overrides), **plan_options)
     if opts["resume"] and out is None:
         raise ValueError("--resume needs --out (the teacher-set folder to continue)")
-    out = out or _default_run_dir("teachers", plan.kind)
+    out = out or default_run_dir("teachers", plan.kind)
     teachers = train_teacher_set(out, plan, resume=opts["resume"])
     if teachers is None:  # a non-zero rank of a distributed run
         return
