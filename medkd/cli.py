@@ -201,22 +201,12 @@ def distill_cmd(
     (first) teacher's run; flags and --set override them. Logit-only recipes read the teachers'
     combined outputs from the teacher-output cache (computed once); feature recipes run them live.
     """
-    from medkd.storage import load_checkpoint
-    from medkd.recipes import load_recipe
-    from medkd.teachers.manifest import open_teachers
+    from medkd.workflows.distill import distill_defaults
 
     if opts["resume"]:
         return _run_training(opts)
-    recipe_spec = load_recipe(recipe)
-    teacher_cfg = load_checkpoint(open_teachers(teacher).members[0].checkpoint)["config"]
     # without --config, data settings come from the teacher's run; a --config file takes their place
-    base = {"data": {} if opts["config"] else {k: v for k, v in teacher_cfg["data"].items() if k != "data_fraction"}}
-    extra = {"model.name": student, "model.preset": opts["preset"] or "student",
-             "distill": {"teacher": str(teacher), "recipe": recipe_spec.model_dump(mode="json")}}
-    if recipe_spec.data.data_fraction is not None and opts["data_fraction"] is None:
-        extra["data.data_fraction"] = recipe_spec.data.data_fraction
-    opts = {**opts, "preset": None}
-    _run_training(opts, defaults={**{f"data.{k}": v for k, v in base["data"].items()}, **extra})
+    _run_training(opts, defaults=distill_defaults(teacher, student, recipe, teacher_data=opts["config"] is None))
 
 
 def _comma_list(value: Optional[str]) -> list[str] | None:

@@ -2,5 +2,7 @@
 
 Each ``medkd`` command is a thin typer shell over one of these (or over a lower-floor function):
 
+* :mod:`medkd.workflows.train`          - resolve a run config (``--config`` + flags + ``--set``), run or resume it;
+* :mod:`medkd.workflows.distill`        - the distill config: teacher's data settings, recipe, ``distill`` section;
 * :mod:`medkd.workflows.train_teachers` - plan and train a teacher set (``medkd train-teachers``).
 """
