@@ -270,26 +270,9 @@ def train_teachers_cmd(
 @app.command("recipes")
 def recipes_cmd() -> None:
     """List the shipped distillation recipes with their terms and weights."""
-    from medkd.recipes import list_recipes, load_recipe
+    from medkd.workflows.catalog import recipes_table
 
-    rows = []
-    for name in list_recipes():
-        r = load_recipe(name)
-        terms = [f"{r.supervised.loss} x{r.supervised.weight:g}"]
-        terms += [f"{t.loss}{'[' + (t.taps or 'custom') + ']' if t.uses_features else ''} x{t.weight:g}"
-                  for t in r.terms.values()]
-        rows.append({"name": name, "terms": " + ".join(terms),
-                     "teacher": "cached" if r.uses_cache else ("live (features)" if r.needs_teacher_features
-                                                                else "live"),
-                     "combine": r.teachers.combine + (" x val Dice" if r.teachers.member_weights == "val_dice" else ""),
-                     "data": f"{r.data.data_fraction:.0%} of cases" if r.data.data_fraction else "all cases",
-                     "paper": r.paper})
-    from medkd.evaluation.report import comparison_table
-
-    console.print(comparison_table(rows, [("name", "recipe", "s"), ("terms", "terms x weight", "s"),
-                                          ("teacher", "teacher outputs", "s"),
-                                          ("combine", "several teachers", "s"), ("data", "data", "s"),
-                                          ("paper", "paper", "s")], title="medkd distillation recipes"))
+    console.print(recipes_table())
 
 
 @app.command("inspect-model")
@@ -428,17 +411,9 @@ def models_cmd(
     dims: Annotated[int, typer.Option(help="spatial dims for the parameter count")] = 2,
 ) -> None:
     """List the registry's architectures with teacher/student parameter counts."""
-    from medkd.evaluation.report import comparison_table
-    from medkd.models import count_parameters, create, list_models
+    from medkd.workflows.catalog import models_table
 
-    rows = []
-    for name in list_models():
-        counts = {p: count_parameters(create(name, dims, 1, 4, preset=p)) for p in ("teacher", "student")}
-        rows.append({"name": name, "teacher": counts["teacher"], "student": counts["student"],
-                     "ratio": counts["teacher"] / counts["student"]})
-    console.print(comparison_table(rows, [("name", "model", "s"), ("teacher", "teacher params", ",d"),
-                                          ("student", "student params", ",d"), ("ratio", "ratio", ".1f")],
-                                   title=f"medkd models ({dims}D, 1 channel in, 4 classes)"))
+    console.print(models_table(dims))
 
 
 @app.command("demo")
