@@ -7,7 +7,6 @@ one clear message on stderr and exit code 1; nothing is overwritten unless asked
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from pathlib import Path
@@ -366,17 +365,6 @@ def postprocess_cmd(
     console.print(f"decided on {record['num_cases']} validation case(s); written {run_dir / 'postprocessing.json'}")
 
 
-def _class_names(labels_json: Optional[Path], ref_dir: Path) -> dict[int, str]:
-    for candidate in [labels_json, ref_dir.parent / "dataset.json"]:
-        if candidate and candidate.is_file():
-            labels = json.loads(candidate.read_text()).get("labels")
-            if isinstance(labels, dict):
-                if all(str(k).isdigit() for k in labels):  # MSD: {"0": "background"}
-                    return {int(k): v for k, v in labels.items()}
-                return {int(v): k for k, v in labels.items()}
-    raise FileNotFoundError(f"no class names: pass --labels DATASET.json (none found beside {ref_dir})")
-
-
 @app.command("evaluate")
 @cli_errors
 def evaluate_cmd(
@@ -392,16 +380,10 @@ def evaluate_cmd(
     PRED_DIR is what `medkd predict` wrote, for one checkpoint or a teacher set (uncertainty maps
     CASE_uncertainty.ext in it are skipped).
     """
-    from medkd.evaluation import evaluate_folder
+    from medkd.workflows.evaluate import evaluate_predictions
 
-    if label_dir is None:
-        if dataset is None:
-            raise ValueError("give LABEL_DIR or --dataset")
-        label_dir = dataset / "labelsTs"
-    names = _class_names(labels or (dataset / "dataset.json" if dataset else None), label_dir)
-    result = evaluate_folder(pred_dir, label_dir, names, num_workers=workers)
-    out_dir = output or pred_dir / "evaluation"
-    paths = result.save(out_dir)
+    result, label_dir = evaluate_predictions(pred_dir, label_dir, dataset=dataset, labels=labels, workers=workers)
+    paths = result.save(output or pred_dir / "evaluation")
     console.print(result.table(title=f"{pred_dir} vs {label_dir}"))
     console.print(f"written: {', '.join(str(p) for p in paths.values())}")
 
