@@ -294,13 +294,6 @@ def inspect_model_cmd(
         console.print(f"[bold]{part}[/]: {', '.join(names)}")
 
 
-def _input_folder(path: Path, split: str) -> Path:
-    """A dataset folder means its imagesTs (or imagesTr with --split train); else the folder itself."""
-    if (path / "dataset.json").is_file():
-        return path / ("imagesTr" if split == "train" else "imagesTs")
-    return path
-
-
 @app.command("predict")
 @cli_errors
 def predict_cmd(
@@ -329,16 +322,13 @@ def predict_cmd(
     """Segment images; outputs keep the input's format and exact geometry."""
     from tqdm import tqdm
 
-    from medkd.engine.ensemble import load_predictor
-    from medkd.engine.inference import predict_folder
+    from medkd.workflows.predict import predict
 
-    predictor = load_predictor(checkpoint, device=device, tta=tta, amp=device.startswith("cuda"), combine=combine,
-                               whole_slice=whole_slice, postprocess=postprocess)
-    written = predict_folder(predictor, _input_folder(input, split), output, save_probs=save_probabilities,
-                             uncertainty=uncertainty, overwrite=overwrite,
-                             progress=lambda items: tqdm(items, desc="predict", unit="case"))
-    what = f"segmentation(s) of {predictor.num_members} combined member(s)" if predictor.num_members > 1 \
-        else "segmentation(s)"
+    members, written = predict(checkpoint, input, output, split=split, tta=tta, whole_slice=whole_slice,
+                               postprocess=postprocess, combine=combine, uncertainty=uncertainty,
+                               save_probabilities=save_probabilities, device=device, overwrite=overwrite,
+                               progress=lambda items: tqdm(items, desc="predict", unit="case"))
+    what = f"segmentation(s) of {members} combined member(s)" if members > 1 else "segmentation(s)"
     console.print(f"wrote {len(written)} {what}{' and uncertainty maps' if uncertainty else ''} to {output}")
 
 
