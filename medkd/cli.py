@@ -241,23 +241,17 @@ def train_teachers_cmd(
 
     Options given with --resume must match OUT/plan.json; with none, the stored plan is used.
     """
-    from medkd.workflows.train import config_overrides, default_run_dir, resolve_config
-    from medkd.workflows.train_teachers import make_plan, train_teacher_set
+    from medkd.workflows.train import config_overrides
+    from medkd.workflows.train_teachers import run_teacher_set
 
     _setup_logging(opts["verbose"])
     if opts["run_dir"] is not None and out is not None and opts["run_dir"] != out:
         raise ValueError("give the teacher-set folder once: --out (--run-dir is an alias)")
-    out, group_by = out or opts["run_dir"], None if group_by == "random" else group_by
-    overrides = config_overrides(opts)
-    plan_options = dict(members=members, models=_comma_list(models), losses=_comma_list(losses), subsets=subsets,
-                        group_by=group_by, aux_weight=aux_weight, aux_tap=aux_tap)
-    plan = None
-    if not opts["resume"] or overrides or opts["config"] or kind or any(v is not None for v in plan_options.values()):
-        plan = make_plan(kind or "uniform", resolve_config(opts["config"], overrides), **plan_options)
-    if opts["resume"] and out is None:
-        raise ValueError("--resume needs --out (the teacher-set folder to continue)")
-    out = out or default_run_dir("teachers", plan.kind)
-    teachers = train_teacher_set(out, plan, resume=opts["resume"])
+    teachers = run_teacher_set(out or opts["run_dir"], kind, opts["config"], config_overrides(opts),
+                               resume=opts["resume"], members=members, models=_comma_list(models),
+                               losses=_comma_list(losses), subsets=subsets,
+                               group_by=None if group_by == "random" else group_by, aux_weight=aux_weight,
+                               aux_tap=aux_tap)
     if teachers is None:  # a non-zero rank of a distributed run
         return
     for member in teachers.members:
