@@ -7,8 +7,10 @@ one clear message on stderr and exit code 1; nothing is overwritten unless asked
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -156,14 +158,10 @@ def _command_with_training_options(func: Callable) -> Callable:
     ``func`` receives its own arguments plus ``opts``, the dict of the shared options, so train and
     distill share one option list and one code path.
     """
-    import inspect
-    import typing
-
     own = [p for p in inspect.signature(func).parameters.values() if p.name != "opts"]
     shared = list(inspect.signature(_train_options).parameters.values())
     hints = {**typing.get_type_hints(_train_options, include_extras=True),
              **typing.get_type_hints(func, include_extras=True)}
-    hints.pop("opts", None)
 
     @functools.wraps(func)
     def command(**kwargs: Any) -> Any:
@@ -202,10 +200,8 @@ def distill_cmd(
     """
     from medkd.workflows.distill import distill_defaults
 
-    if opts["resume"]:
-        return _run_training(opts)
-    # without --config, data settings come from the teacher's run; a --config file takes their place
-    _run_training(opts, defaults=distill_defaults(teacher, student, recipe, teacher_data=opts["config"] is None))
+    defaults = None if opts["resume"] else distill_defaults(teacher, student, recipe, teacher_data=opts["config"] is None)
+    _run_training(opts, defaults)
 
 
 def _comma_list(value: Optional[str]) -> list[str] | None:
@@ -249,9 +245,8 @@ def train_teachers_cmd(
         raise ValueError("give the teacher-set folder once: --out (--run-dir is an alias)")
     teachers = run_teacher_set(out or opts["run_dir"], kind, opts["config"], config_overrides(opts),
                                resume=opts["resume"], members=members, models=_comma_list(models),
-                               losses=_comma_list(losses), subsets=subsets,
-                               group_by=None if group_by == "random" else group_by, aux_weight=aux_weight,
-                               aux_tap=aux_tap)
+                               losses=_comma_list(losses), subsets=subsets, aux_weight=aux_weight,
+                               aux_tap=aux_tap, group_by=None if group_by == "random" else group_by)
     if teachers is None:  # a non-zero rank of a distributed run
         return
     for member in teachers.members:

@@ -1,4 +1,4 @@
-"""What medkd ships, as tables: the distillation recipes (``medkd recipes``) and the model registry (``medkd models``)."""
+"""What medkd ships, as tables: distillation recipes (``medkd recipes``) and registry models (``medkd models``)."""
 
 from __future__ import annotations
 
