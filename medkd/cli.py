@@ -1,4 +1,4 @@
-"""The ``medkd`` command line (typer).
+"""The ``medkd`` command line (typer): a thin shell over :mod:`medkd.workflows` and the floors below.
 
 Every command turns expected failures (bad dataset, bad config, missing file, existing output) into
 one clear message on stderr and exit code 1; nothing is overwritten unless asked.
