@@ -385,7 +385,7 @@ def demo_cmd(
     student_minutes: Annotated[float, typer.Option(help="budget of each student (labels-only and each recipe)")] = 0.8,
 ) -> None:
     """Synthetic end-to-end run: phantoms -> teacher, student, distilled students -> held-out evaluation table."""
-    from medkd.demo import run_demo
+    from medkd.workflows.demo import run_demo
 
     _setup_logging(False)
     run_demo(out, teacher_minutes=teacher_minutes, student_minutes=student_minutes, console=console)

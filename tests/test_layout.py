@@ -21,7 +21,7 @@ FLOORS = {
     "teachers": 3,
     "engine": 4,
     "evaluation": 5, "deploy": 5,
-    "workflows": 6, "demo": 6,  # medkd/demo.py: a workflow, until it moves into workflows/
+    "workflows": 6,
     "cli": 7, "__main__": 7,
 }
 

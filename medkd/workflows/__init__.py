@@ -7,5 +7,6 @@ Each ``medkd`` command is a thin typer shell over one of these (or over a lower-
 * :mod:`medkd.workflows.train_teachers` - plan and train a teacher set (``medkd train-teachers``);
 * :mod:`medkd.workflows.predict`        - segment a folder with a checkpoint or a teacher set (``medkd predict``);
 * :mod:`medkd.workflows.evaluate`       - evaluate predictions against labels (``medkd evaluate``);
-* :mod:`medkd.workflows.catalog`        - tables of the shipped recipes and registry models (``medkd recipes/models``).
+* :mod:`medkd.workflows.catalog`        - tables of the shipped recipes and registry models (``medkd recipes/models``);
+* :mod:`medkd.workflows.demo`           - the synthetic end-to-end demo (``medkd demo``).
 """
