@@ -1,4 +1,4 @@
-"""The ``medkd`` command line (typer).
+"""The ``medkd`` command line (typer): a thin shell over :mod:`medkd.workflows` and the floors below.
 
 Every command turns expected failures (bad dataset, bad config, missing file, existing output) into
 one clear message on stderr and exit code 1; nothing is overwritten unless asked.
@@ -7,9 +7,10 @@ one clear message on stderr and exit code 1; nothing is overwritten unless asked
 from __future__ import annotations
 
 import functools
-import json
+import inspect
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -28,7 +29,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from medkd.config import ConfigError
     from medkd.data.dataset import DatasetError
     from medkd.data.io import ImageReadError
-    from medkd.engine.checkpoint import CheckpointError
+    from medkd.storage import CheckpointError
 
     return (ConfigError, DatasetError, ImageReadError, CheckpointError, FileExistsError, FileNotFoundError,
             NotADirectoryError, ValueError, FloatingPointError)
@@ -89,25 +90,6 @@ def check_data_cmd(
     console.print(f"[green]ok[/]: {dataset} passed all checks")
 
 
-def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE (dotted key, YAML value), got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def _default_run_dir(model: str, preset: str) -> Path:
-    import datetime
-
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}_{model}_{preset}"
-
-
 def _train_options(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (data/model/train sections)")] = None,
     dataset: Annotated[Optional[Path], typer.Option(help="dataset folder (data.dataset)")] = None,
@@ -149,47 +131,22 @@ def _train_options(
     return dict(locals())
 
 
-def _config_overrides(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Dotted-key config overrides from the shared training options (only those given)."""
-    o = opts
-    dataset, model, preset, shrink, mode = o["dataset"], o["model"], o["preset"], o["shrink"], o["mode"]
-    patch_size, devices = o["patch_size"], o["devices"]
-    overrides = {
-        "data.dataset": str(dataset) if dataset else None, "model.name": model, "model.preset": preset,
-        "model.shrink": shrink, "data.mode": mode, "data.batch_size": o["batch_size"], "data.fold": o["fold"],
-        "data.patch_size": [int(v) for v in patch_size.split(",")] if patch_size else None,
-        "data.num_workers": o["num_workers"], "data.data_fraction": o["data_fraction"], "train.loss": o["loss"],
-        "data.labeled_cases": o["labeled_cases"], "data.labeled_fraction": o["labeled_fraction"],
-        "data.unlabeled": [str(p) for p in o["unlabeled"]] if o["unlabeled"] else None,
-        "train.optimizer": o["optimizer"], "train.lr": o["lr"], "train.max_steps": o["max_steps"],
-        "train.max_epochs": o["max_epochs"], "train.max_time_min": o["max_time_min"], "train.val_every": o["val_every"],
-        "train.seed": o["seed"], "train.accelerator": o["accelerator"],
-        "train.devices": int(devices) if devices and devices.isdigit() else devices, "train.num_nodes": o["num_nodes"],
-        "train.strategy": o["strategy"], "train.precision": o["precision"],
-    }
-    # precedence: --set > flags > defaults passed by the command (e.g. the teacher's data settings)
-    return {**(extra or {}), **{k: v for k, v in overrides.items() if v is not None}, **_parse_set(o["set_"])}
+def _run_training(opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+    """Resolve the config from --config, flags and --set (over ``defaults``); run it, or resume --run-dir."""
+    from medkd.workflows.train import config_overrides, resolve_config, resume_run, train_run
 
-
-def _run_training(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    """Resolve the config from --config, flags and --set; run it (or resume it) in its run folder."""
-    from medkd.config import load_config
-    from medkd.engine.trainer import train
-
-    config, run_dir, resume = opts["config"], opts["run_dir"], opts["resume"]
+    config, run_dir = opts["config"], opts["run_dir"]
     _setup_logging(opts["verbose"])
-    overrides = _config_overrides(opts, extra)
-    if resume:
+    overrides = config_overrides(opts, defaults)
+    if opts["resume"]:
         if run_dir is None:
             raise ValueError("--resume needs --run-dir (the folder of the run to continue)")
         ignored = [k for k, v in overrides.items() if v is not None]
         if ignored or config:
             err_console.print(f"note: resuming uses {run_dir / 'config.yaml'}; ignoring {', '.join(ignored) or '--config'}")
-        result = train(None, run_dir, resume=True)
+        result = resume_run(run_dir)
     else:
-        cfg = load_config(config, overrides)
-        run_dir = run_dir or _default_run_dir(cfg.model.name, cfg.model.preset)
-        result = train(cfg, run_dir)
+        result = train_run(resolve_config(config, overrides), run_dir)
     if result is not None and result.run_dir:
         console.print(f"done: {result.steps} steps in {result.elapsed_s:.0f}s, best val Dice "
                       f"{result.best_metric:.4f} at step {result.best_step}; run folder {result.run_dir}")
@@ -201,14 +158,10 @@ def _command_with_training_options(func: Callable) -> Callable:
     ``func`` receives its own arguments plus ``opts``, the dict of the shared options, so train and
     distill share one option list and one code path.
     """
-    import inspect
-    import typing
-
     own = [p for p in inspect.signature(func).parameters.values() if p.name != "opts"]
     shared = list(inspect.signature(_train_options).parameters.values())
     hints = {**typing.get_type_hints(_train_options, include_extras=True),
              **typing.get_type_hints(func, include_extras=True)}
-    hints.pop("opts", None)
 
     @functools.wraps(func)
     def command(**kwargs: Any) -> Any:
@@ -245,22 +198,10 @@ def distill_cmd(
     (first) teacher's run; flags and --set override them. Logit-only recipes read the teachers'
     combined outputs from the teacher-output cache (computed once); feature recipes run them live.
     """
-    from medkd.engine.checkpoint import load_checkpoint
-    from medkd.recipes import load_recipe
-    from medkd.teachers.manifest import open_teachers
+    from medkd.workflows.distill import distill_defaults
 
-    if opts["resume"]:
-        return _run_training(opts)
-    recipe_spec = load_recipe(recipe)
-    teacher_cfg = load_checkpoint(open_teachers(teacher).members[0].checkpoint)["config"]
-    # without --config, data settings come from the teacher's run; a --config file takes their place
-    base = {"data": {} if opts["config"] else {k: v for k, v in teacher_cfg["data"].items() if k != "data_fraction"}}
-    extra = {"model.name": student, "model.preset": opts["preset"] or "student",
-             "distill": {"teacher": str(teacher), "recipe": recipe_spec.model_dump(mode="json")}}
-    if recipe_spec.data.data_fraction is not None and opts["data_fraction"] is None:
-        extra["data.data_fraction"] = recipe_spec.data.data_fraction
-    opts = {**opts, "preset": None}
-    _run_training(opts, extra={**{f"data.{k}": v for k, v in base["data"].items()}, **extra})
+    defaults = None if opts["resume"] else distill_defaults(teacher, student, recipe, teacher_data=opts["config"] is None)
+    _run_training(opts, defaults)
 
 
 def _comma_list(value: Optional[str]) -> list[str] | None:
@@ -296,23 +237,16 @@ def train_teachers_cmd(
 
     Options given with --resume must match OUT/plan.json; with none, the stored plan is used.
     """
-    from medkd.config import load_config
-    from medkd.teachers.train import make_plan, train_teacher_set
+    from medkd.workflows.train import config_overrides
+    from medkd.workflows.train_teachers import run_teacher_set
 
     _setup_logging(opts["verbose"])
     if opts["run_dir"] is not None and out is not None and opts["run_dir"] != out:
         raise ValueError("give the teacher-set folder once: --out (--run-dir is an alias)")
-    out, group_by = out or opts["run_dir"], None if group_by == "random" else group_by
-    overrides = _config_overrides(opts)
-    plan_options = dict(members=members, models=_comma_list(models), losses=_comma_list(losses), subsets=subsets,
-                        group_by=group_by, aux_weight=aux_weight, aux_tap=aux_tap)
-    plan = None
-    if not opts["resume"] or overrides or opts["config"] or kind or any(v is not None for v in plan_options.values()):
-        plan = make_plan(kind or "uniform", load_config(opts["config"], overrides), **plan_options)
-    if opts["resume"] and out is None:
-        raise ValueError("--resume needs --out (the teacher-set folder to continue)")
-    out = out or _default_run_dir("teachers", plan.kind)
-    teachers = train_teacher_set(out, plan, resume=opts["resume"])
+    teachers = run_teacher_set(out or opts["run_dir"], kind, opts["config"], config_overrides(opts),
+                               resume=opts["resume"], members=members, models=_comma_list(models),
+                               losses=_comma_list(losses), subsets=subsets, aux_weight=aux_weight,
+                               aux_tap=aux_tap, group_by=None if group_by == "random" else group_by)
     if teachers is None:  # a non-zero rank of a distributed run
         return
     for member in teachers.members:
@@ -324,26 +258,9 @@ def train_teachers_cmd(
 @app.command("recipes")
 def recipes_cmd() -> None:
     """List the shipped distillation recipes with their terms and weights."""
-    from medkd.recipes import list_recipes, load_recipe
+    from medkd.workflows.catalog import recipes_table
 
-    rows = []
-    for name in list_recipes():
-        r = load_recipe(name)
-        terms = [f"{r.supervised.loss} x{r.supervised.weight:g}"]
-        terms += [f"{t.loss}{'[' + (t.taps or 'custom') + ']' if t.uses_features else ''} x{t.weight:g}"
-                  for t in r.terms.values()]
-        rows.append({"name": name, "terms": " + ".join(terms),
-                     "teacher": "cached" if r.uses_cache else ("live (features)" if r.needs_teacher_features
-                                                                else "live"),
-                     "combine": r.teachers.combine + (" x val Dice" if r.teachers.member_weights == "val_dice" else ""),
-                     "data": f"{r.data.data_fraction:.0%} of cases" if r.data.data_fraction else "all cases",
-                     "paper": r.paper})
-    from medkd.evaluation.report import comparison_table
-
-    console.print(comparison_table(rows, [("name", "recipe", "s"), ("terms", "terms x weight", "s"),
-                                          ("teacher", "teacher outputs", "s"),
-                                          ("combine", "several teachers", "s"), ("data", "data", "s"),
-                                          ("paper", "paper", "s")], title="medkd distillation recipes"))
+    console.print(recipes_table())
 
 
 @app.command("inspect-model")
@@ -364,13 +281,6 @@ def inspect_model_cmd(
     console.print(format_tappable(rows))
     for part, names in stages.items():
         console.print(f"[bold]{part}[/]: {', '.join(names)}")
-
-
-def _input_folder(path: Path, split: str) -> Path:
-    """A dataset folder means its imagesTs (or imagesTr with --split train); else the folder itself."""
-    if (path / "dataset.json").is_file():
-        return path / ("imagesTr" if split == "train" else "imagesTs")
-    return path
 
 
 @app.command("predict")
@@ -401,16 +311,13 @@ def predict_cmd(
     """Segment images; outputs keep the input's format and exact geometry."""
     from tqdm import tqdm
 
-    from medkd.engine.ensemble import load_predictor
-    from medkd.engine.inference import predict_folder
+    from medkd.workflows.predict import predict
 
-    predictor = load_predictor(checkpoint, device=device, tta=tta, amp=device.startswith("cuda"), combine=combine,
-                               whole_slice=whole_slice, postprocess=postprocess)
-    written = predict_folder(predictor, _input_folder(input, split), output, save_probs=save_probabilities,
-                             uncertainty=uncertainty, overwrite=overwrite,
-                             progress=lambda items: tqdm(items, desc="predict", unit="case"))
-    what = f"segmentation(s) of {predictor.num_members} combined member(s)" if predictor.num_members > 1 \
-        else "segmentation(s)"
+    members, written = predict(checkpoint, input, output, split=split, tta=tta, whole_slice=whole_slice,
+                               postprocess=postprocess, combine=combine, uncertainty=uncertainty,
+                               save_probabilities=save_probabilities, device=device, overwrite=overwrite,
+                               progress=lambda items: tqdm(items, desc="predict", unit="case"))
+    what = f"segmentation(s) of {members} combined member(s)" if members > 1 else "segmentation(s)"
     console.print(f"wrote {len(written)} {what}{' and uncertainty maps' if uncertainty else ''} to {output}")
 
 
@@ -437,17 +344,6 @@ def postprocess_cmd(
     console.print(f"decided on {record['num_cases']} validation case(s); written {run_dir / 'postprocessing.json'}")
 
 
-def _class_names(labels_json: Optional[Path], ref_dir: Path) -> dict[int, str]:
-    for candidate in [labels_json, ref_dir.parent / "dataset.json"]:
-        if candidate and candidate.is_file():
-            labels = json.loads(candidate.read_text()).get("labels")
-            if isinstance(labels, dict):
-                if all(str(k).isdigit() for k in labels):  # MSD: {"0": "background"}
-                    return {int(k): v for k, v in labels.items()}
-                return {int(v): k for k, v in labels.items()}
-    raise FileNotFoundError(f"no class names: pass --labels DATASET.json (none found beside {ref_dir})")
-
-
 @app.command("evaluate")
 @cli_errors
 def evaluate_cmd(
@@ -463,16 +359,10 @@ def evaluate_cmd(
     PRED_DIR is what `medkd predict` wrote, for one checkpoint or a teacher set (uncertainty maps
     CASE_uncertainty.ext in it are skipped).
     """
-    from medkd.evaluation import evaluate_folder
+    from medkd.workflows.evaluate import evaluate_predictions
 
-    if label_dir is None:
-        if dataset is None:
-            raise ValueError("give LABEL_DIR or --dataset")
-        label_dir = dataset / "labelsTs"
-    names = _class_names(labels or (dataset / "dataset.json" if dataset else None), label_dir)
-    result = evaluate_folder(pred_dir, label_dir, names, num_workers=workers)
-    out_dir = output or pred_dir / "evaluation"
-    paths = result.save(out_dir)
+    result, label_dir = evaluate_predictions(pred_dir, label_dir, dataset=dataset, labels=labels, workers=workers)
+    paths = result.save(output or pred_dir / "evaluation")
     console.print(result.table(title=f"{pred_dir} vs {label_dir}"))
     console.print(f"written: {', '.join(str(p) for p in paths.values())}")
 
@@ -482,17 +372,9 @@ def models_cmd(
     dims: Annotated[int, typer.Option(help="spatial dims for the parameter count")] = 2,
 ) -> None:
     """List the registry's architectures with teacher/student parameter counts."""
-    from medkd.evaluation.report import comparison_table
-    from medkd.models import count_parameters, create, list_models
+    from medkd.workflows.catalog import models_table
 
-    rows = []
-    for name in list_models():
-        counts = {p: count_parameters(create(name, dims, 1, 4, preset=p)) for p in ("teacher", "student")}
-        rows.append({"name": name, "teacher": counts["teacher"], "student": counts["student"],
-                     "ratio": counts["teacher"] / counts["student"]})
-    console.print(comparison_table(rows, [("name", "model", "s"), ("teacher", "teacher params", ",d"),
-                                          ("student", "student params", ",d"), ("ratio", "ratio", ".1f")],
-                                   title=f"medkd models ({dims}D, 1 channel in, 4 classes)"))
+    console.print(models_table(dims))
 
 
 @app.command("demo")
@@ -503,7 +385,7 @@ def demo_cmd(
     student_minutes: Annotated[float, typer.Option(help="budget of each student (labels-only and each recipe)")] = 0.8,
 ) -> None:
     """Synthetic end-to-end run: phantoms -> teacher, student, distilled students -> held-out evaluation table."""
-    from medkd.demo import run_demo
+    from medkd.workflows.demo import run_demo
 
     _setup_logging(False)
     run_demo(out, teacher_minutes=teacher_minutes, student_minutes=student_minutes, console=console)

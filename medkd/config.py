@@ -222,6 +222,6 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    from medkd.engine.checkpoint import atomic_write_text
+    from medkd.storage import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))

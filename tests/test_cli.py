@@ -83,7 +83,7 @@ def _untrained_checkpoint(dataset_root, path, seed):
 
     from medkd.data.dataset import load_dataset
     from medkd.data.preprocess import make_plan
-    from medkd.engine.checkpoint import save_checkpoint
+    from medkd.storage import save_checkpoint
     from medkd.models import create
 
     dataset = load_dataset(dataset_root)

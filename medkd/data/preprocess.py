@@ -32,7 +32,7 @@ from monai.transforms import Resize
 
 from medkd.data.dataset import Case, DatasetInfo, read_case
 from medkd.data.io import Geometry
-from medkd.engine.checkpoint import atomic_write_numpy, atomic_write_text
+from medkd.storage import atomic_write_numpy, atomic_write_text
 
 PLAN_VERSION = 1
 MAX_LOCATIONS_PER_CLASS = 10_000

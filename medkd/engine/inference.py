@@ -32,9 +32,9 @@ from torch import nn
 
 from medkd.data.io import Geometry, file_ending, read_image, uncertainty_file, write_image
 from medkd.data.preprocess import PreprocessingPlan, preprocess_arrays, restore_probabilities
-from medkd.engine.checkpoint import atomic_write_numpy, load_checkpoint
 from medkd.engine.postprocess import Postprocessing, postprocessing_beside
 from medkd.models import create_from_spec, forward_padded, largest_stride
+from medkd.storage import atomic_write_numpy, load_checkpoint
 
 
 def _flip_sets(spatial_dims: int, tta: bool) -> list[tuple[int, ...]]:

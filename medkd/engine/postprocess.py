@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from medkd.engine.checkpoint import atomic_write_text
+from medkd.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 

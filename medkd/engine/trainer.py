@@ -36,12 +36,12 @@ from torch import nn
 
 from medkd.config import RunConfig, save_config
 from medkd.data.loaders import PatchDataset, make_train_loader
-from medkd.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from medkd.engine.data_setup import TrainingData, prepare_training_data
 from medkd.engine.tasks import SupervisedTask
 from medkd.engine.validation import decide_run_postprocessing, validate
 from medkd.losses import build_supervised_loss
 from medkd.models import create
+from medkd.storage import atomic_write_text, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

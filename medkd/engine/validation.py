@@ -16,10 +16,10 @@ from torch import nn
 from medkd.config import ConfigError, RunConfig, load_config
 from medkd.data.dataset import load_dataset
 from medkd.data.preprocess import PreprocessedCase, PreprocessedStore, PreprocessingPlan
-from medkd.engine.checkpoint import load_checkpoint
 from medkd.engine.data_setup import split_case_ids
 from medkd.engine.inference import Predictor, predict_probabilities, segmentation
 from medkd.engine.postprocess import POSTPROCESSING_FILE, decide_postprocessing, write_postprocessing
+from medkd.storage import load_checkpoint
 
 
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:

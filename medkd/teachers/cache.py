@@ -42,8 +42,8 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medkd.data.preprocess import PreprocessedCase, PreprocessingPlan, default_cache_root
-from medkd.engine.checkpoint import atomic_write_numpy, atomic_write_text
 from medkd.losses.supervised import full_resolution_head
+from medkd.storage import atomic_write_numpy, atomic_write_text
 from medkd.teachers.combine import COMBINATION_RULES, target_logits
 from medkd.teachers.manifest import TeacherSet
 

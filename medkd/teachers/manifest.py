@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from medkd.engine.checkpoint import CheckpointError, atomic_write_text, load_checkpoint
 from medkd.models import create_from_spec
+from medkd.storage import CheckpointError, atomic_write_text, load_checkpoint
 
 MANIFEST_NAME = "teachers.json"
 MANIFEST_FORMAT = "medkd-teacher-set-v1"

@@ -9,11 +9,11 @@ import torch
 from typer.testing import CliRunner
 
 from medkd.config import build_config
-from medkd.engine.checkpoint import load_checkpoint
 from medkd.engine.distill import Distiller, TeacherMismatchError, check_teacher
 from medkd.engine.trainer import Trainer, train
 from medkd.models import create
 from medkd.recipes import list_recipes, load_recipe, recipe_from_dict
+from medkd.storage import load_checkpoint
 
 SHIPPED = ["adaptive-multi-teacher", "cwd", "ensemble-kd", "logit-kd", "mtms-contrastive", "prostate-kd", "pseudo-kd",
            "reco-kd", "skd"]

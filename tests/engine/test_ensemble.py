@@ -10,10 +10,10 @@ import torch
 from medkd.data.dataset import load_dataset
 from medkd.data.io import read_image, uncertainty_file
 from medkd.data.preprocess import make_plan
-from medkd.engine.checkpoint import save_checkpoint
 from medkd.engine.ensemble import EnsemblePredictor, MemberStatistics, load_predictor
 from medkd.engine.inference import Predictor, group_channel_files, predict_folder, read_case
 from medkd.models import create
+from medkd.storage import save_checkpoint
 from medkd.teachers.combine import mean_logits, mean_probabilities, voxel_uncertainty
 from medkd.teachers.manifest import TeacherMember, TeacherSet
 

@@ -15,7 +15,6 @@ from medkd.data.dataset import load_dataset
 from medkd.data.loaders import PatchDataset
 from medkd.data.splits import labeled_subset
 from medkd.data.validate import check_image_folder
-from medkd.engine.checkpoint import load_checkpoint
 from medkd.engine.data_setup import DataCheckError, prepare_training_data
 from medkd.engine.distill import Distiller
 from medkd.engine.tasks import SupervisedTask
@@ -23,6 +22,7 @@ from medkd.engine.trainer import train
 from medkd.losses import build_supervised_loss
 from medkd.models import create
 from medkd.recipes import load_recipe, recipe_from_dict
+from medkd.storage import load_checkpoint
 
 PATIENTS = [f"p{p:02d}_f{f}" for p in range(10) for f in (1, 2)]
 

@@ -7,9 +7,9 @@ import SimpleITK as sitk
 from medkd.data.dataset import load_dataset
 from medkd.data.io import read_image, write_image
 from medkd.data.preprocess import make_plan
-from medkd.engine.checkpoint import save_checkpoint
 from medkd.engine.inference import Predictor, group_channel_files, predict_folder
 from medkd.models import create
+from medkd.storage import save_checkpoint
 
 
 def _checkpoint(dataset_root, path, mode, patch, target_spacing=None):

@@ -14,7 +14,6 @@ from medkd.config import build_config
 from medkd.data.dataset import load_dataset
 from medkd.data.io import read_image
 from medkd.data.preprocess import make_plan
-from medkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from medkd.engine.inference import Predictor, predict_folder
 from medkd.engine.postprocess import (
     Postprocessing,
@@ -25,6 +24,7 @@ from medkd.engine.postprocess import (
 )
 from medkd.engine.trainer import train
 from medkd.models import create
+from medkd.storage import load_checkpoint, save_checkpoint
 
 LABELS = {"background": 0, "A": 1, "B": 2}
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from medkd.config import build_config
-from medkd.engine.checkpoint import load_checkpoint
 from medkd.engine.trainer import RunDirError, Trainer, train
+from medkd.storage import load_checkpoint
 
 
 def _losses(run_dir):

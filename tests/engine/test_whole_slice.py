@@ -9,9 +9,9 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 import medkd.models.padding as padding
-from medkd.engine.checkpoint import save_checkpoint
 from medkd.engine.inference import Predictor, checkpoint_whole_slice, predict_probabilities
 from medkd.models import create, forward_padded, largest_stride
+from medkd.storage import save_checkpoint
 
 
 class PointwiseWithStride(nn.Module):

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from medkd.cli import app
 from medkd.config import build_config
-from medkd.engine.checkpoint import load_checkpoint
+from medkd.storage import load_checkpoint
 from medkd.teachers.manifest import load_manifest
-from medkd.teachers.train import make_plan, train_teacher_set
+from medkd.workflows.train_teachers import make_plan, train_teacher_set
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from medkd.engine.checkpoint import save_checkpoint
 from medkd.models import create
+from medkd.storage import save_checkpoint
 from medkd.teachers.manifest import (
     MANIFEST_NAME,
     ManifestError,

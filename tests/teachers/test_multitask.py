@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from medkd.config import build_config
-from medkd.engine.checkpoint import load_checkpoint
 from medkd.engine.trainer import train
 from medkd.losses import build_supervised_loss
 from medkd.models import create
 from medkd.models.taps import TapNotFoundError
+from medkd.storage import load_checkpoint
 from medkd.teachers.manifest import load_frozen, open_teachers
 from medkd.teachers.multitask import MultiTaskTask, ReconstructionHead, multitask_task_factory
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-import medkd.teachers.train as tt
+import medkd.workflows.train_teachers as tt
 from medkd.config import build_config
 from medkd.engine.trainer import RunDirError
 from medkd.teachers.manifest import load_manifest, open_teachers
-from medkd.teachers.train import (
+from medkd.workflows.train_teachers import (
     TeacherPlan,
     TeacherPlanError,
     fold_training_cases,
@@ -141,7 +141,7 @@ def test_killed_set_resumes_the_remaining_members_only(phantoms_2d, tmp_path, ti
 
 
 def test_multitask_set_records_its_task(phantoms_2d, tmp_path, tiny_config):
-    from medkd.engine.checkpoint import load_checkpoint
+    from medkd.storage import load_checkpoint
 
     base = build_config(tiny_config(phantoms_2d, tmp_path / "cache", max_steps=2))
     teachers = train_teacher_set(tmp_path / "set", make_plan("multitask", base, members=1, aux_weight=0.25))

@@ -28,14 +28,16 @@ import math
 import os
 import shutil
 import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medkd.config import RunConfig, TrainConfig, build_config
-from medkd.engine.checkpoint import atomic_write_text, load_checkpoint
 from medkd.engine.trainer import RunDirError, train
+from medkd.storage import atomic_write_text, load_checkpoint
 from medkd.teachers.manifest import MANIFEST_NAME, TeacherMember, TeacherSet, load_manifest
+from medkd.workflows.train import default_run_dir, resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -404,3 +406,21 @@ def train_teacher_set(out: str | Path, plan: TeacherPlan | None = None, *,
         if main:
             write_manifest(out, plan)
     return load_manifest(out) if main else None
+
+
+def run_teacher_set(out: str | Path | None, kind: str | None = None, config: str | Path | None = None,
+                    overrides: Mapping[str, Any] | None = None, *, resume: bool = False,
+                    **plan_options: Any) -> TeacherSet | None:
+    """Plan a teacher set from a base config and train it into ``out`` (``medkd train-teachers``).
+
+    ``config`` (YAML) and dotted-key ``overrides`` give the base config shared by every member;
+    ``plan_options`` go to :func:`make_plan` (``kind`` default ``uniform``). With ``resume`` and nothing
+    else given, the stored plan is used; otherwise the new plan must match it. ``out`` defaults to
+    ``runs/<time>_teachers_<kind>`` (required with ``resume``).
+    """
+    plan = None
+    if not resume or overrides or config or kind or any(v is not None for v in plan_options.values()):
+        plan = make_plan(kind or "uniform", resolve_config(config, overrides), **plan_options)
+    if resume and out is None:
+        raise ValueError("--resume needs --out (the teacher-set folder to continue)")
+    return train_teacher_set(out or default_run_dir("teachers", plan.kind), plan, resume=resume)

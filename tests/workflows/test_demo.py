@@ -5,7 +5,7 @@ import csv
 import pytest
 from rich.console import Console
 
-from medkd.demo import run_demo
+from medkd.workflows.demo import run_demo
 
 
 @pytest.mark.slow

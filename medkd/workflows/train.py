@@ -1,0 +1,81 @@
+"""Train a run (``medkd train``, and the training half of ``medkd distill``) from plain Python.
+
+A run config is resolved from an optional YAML file plus dotted-key overrides
+(:func:`config_overrides` builds them from the command line's options: precedence ``--set`` >
+flags > defaults given by the command, e.g. a teacher's data settings); :func:`train_run` runs it in
+its run folder, :func:`resume_run` continues a run from its folder's ``last.pt`` and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medkd.config import RunConfig, load_config
+from medkd.engine.trainer import TrainResult, train
+
+
+def parse_set(items: Iterable[str] | None) -> dict[str, Any]:
+    """``["train.val_every=100", ...]`` (dotted key, YAML value) as ``{"train.val_every": 100, ...}``."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE (dotted key, YAML value), got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def default_run_dir(model: str, preset: str) -> Path:
+    """``runs/<time>_<model>_<preset>``, the run folder when none is given."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}_{model}_{preset}"
+
+
+def config_overrides(options: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Dotted-key config overrides from the shared training options (only those given).
+
+    ``options`` holds the command line's training options by name (``dataset``, ``model``,
+    ``patch_size`` as ``"128,128"``, ``set_`` as a list of ``KEY=VALUE``...; see ``medkd train --help``);
+    precedence: ``set_`` > the other options > ``defaults``.
+    """
+    o = options
+    dataset, model, preset, shrink, mode = o["dataset"], o["model"], o["preset"], o["shrink"], o["mode"]
+    patch_size, devices = o["patch_size"], o["devices"]
+    overrides = {
+        "data.dataset": str(dataset) if dataset else None, "model.name": model, "model.preset": preset,
+        "model.shrink": shrink, "data.mode": mode, "data.batch_size": o["batch_size"], "data.fold": o["fold"],
+        "data.patch_size": [int(v) for v in patch_size.split(",")] if patch_size else None,
+        "data.num_workers": o["num_workers"], "data.data_fraction": o["data_fraction"], "train.loss": o["loss"],
+        "data.labeled_cases": o["labeled_cases"], "data.labeled_fraction": o["labeled_fraction"],
+        "data.unlabeled": [str(p) for p in o["unlabeled"]] if o["unlabeled"] else None,
+        "train.optimizer": o["optimizer"], "train.lr": o["lr"], "train.max_steps": o["max_steps"],
+        "train.max_epochs": o["max_epochs"], "train.max_time_min": o["max_time_min"], "train.val_every": o["val_every"],
+        "train.seed": o["seed"], "train.accelerator": o["accelerator"],
+        "train.devices": int(devices) if devices and devices.isdigit() else devices, "train.num_nodes": o["num_nodes"],
+        "train.strategy": o["strategy"], "train.precision": o["precision"],
+    }
+    return {**(defaults or {}), **{k: v for k, v in overrides.items() if v is not None}, **parse_set(o["set_"])}
+
+
+def resolve_config(config: str | Path | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """The run config of a YAML file (or none: defaults) with dotted-key ``overrides`` applied."""
+    return load_config(config, dict(overrides or {}))
+
+
+def train_run(config: RunConfig, run_dir: str | Path | None = None) -> TrainResult | None:
+    """Train (or, with ``config.distill``, distil) in ``run_dir`` (default :func:`default_run_dir`).
+
+    Returns the trainer's result (None on non-zero ranks of a distributed run).
+    """
+    run_dir = run_dir or default_run_dir(config.model.name, config.model.preset)
+    return train(config, run_dir)
+
+
+def resume_run(run_dir: str | Path) -> TrainResult | None:
+    """Continue the run in ``run_dir`` from its ``last.pt``, with the config stored there."""
+    return train(None, run_dir, resume=True)
