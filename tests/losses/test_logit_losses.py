@@ -214,7 +214,7 @@ def test_distill_registry():
     from medkd.losses.distill_registry import DISTILL_INPUTS, DISTILL_LOSSES, build_distill_loss, describe
 
     expected = {"kl", "prob_mse", "cwd", "feature", "attention", "skd", "ms_sard", "ms_ca", "region_affinity",
-                "contrastive", "uncertainty"}
+                "contrastive", "uncertainty", "pseudo_label"}
     assert set(DISTILL_LOSSES) == expected
     assert all(cls.inputs in DISTILL_INPUTS for cls in DISTILL_LOSSES.values())
     assert DISTILL_LOSSES["uncertainty"].inputs == "logits+uncertainty"
