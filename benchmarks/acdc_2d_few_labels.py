@@ -17,7 +17,8 @@ Statistics: per seed the paired difference of mean test Dice to labels-only; per
 volumes, Dice averaged over seeds) the two-sided Wilcoxon signed-rank test; the fraction of the
 teacher-student gap closed. Finished runs are reused (restartable). Not a test.
 
-    python benchmarks/acdc_2d_few_labels.py --labeled-fraction 0.1 --teacher-minutes 12 --steps 2000 --seeds 0 1 2
+    python benchmarks/acdc_2d_few_labels.py --labeled-fraction 0.1 --teacher-minutes 12 --steps 2000 --seeds 0 1 2 \
+        --recipes logit-kd pseudo-kd --full-teacher RUN/best.pt --full-teacher-recipes pseudo-kd
 """
 
 from __future__ import annotations
@@ -68,7 +69,10 @@ def student_rows(args, teachers: dict[str, Path]) -> dict[tuple[str, str | None]
         rows["labels only", None].append(scored(args.data, args.out, f"labels_seed{seed}",
                                                 args.out / f"labels_seed{seed}", student_tree(args, seed, None, None)))
         for tag, teacher in teachers.items():
-            for recipe in args.recipes:
+            own = tag == f"teacher {args.labeled_fraction:.0%}"
+            if not own and seed not in (args.full_teacher_seeds or args.seeds):
+                continue
+            for recipe in args.recipes if own else (args.full_teacher_recipes or args.recipes):
                 name = f"{recipe}_{tag}_seed{seed}"  # e.g. "logit-kd_teacher 10%_seed0"
                 rows.setdefault((f"{recipe} ({tag})", tag), []).append(
                     scored(args.data, args.out, name, args.out / name, student_tree(args, seed, teacher, recipe)))
@@ -83,6 +87,9 @@ def main() -> None:
     parser.add_argument("--teacher-minutes", type=float, default=12.0)
     parser.add_argument("--teacher-steps", type=int, default=None, help="step budget (the first budget reached ends)")
     parser.add_argument("--full-teacher", type=Path, default=None, help="best.pt of a teacher trained on all labels")
+    parser.add_argument("--full-teacher-recipes", nargs="+", default=None, help="recipes distilled from the "
+                        "full teacher (default: --recipes)")
+    parser.add_argument("--full-teacher-seeds", type=int, nargs="+", default=None, help="default: --seeds")
     parser.add_argument("--shrink", type=int, default=4, help="student UNet width reduction t (4: 26,609 parameters)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--val-every", type=int, default=500)

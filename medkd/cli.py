@@ -381,14 +381,14 @@ def models_cmd(
 @cli_errors
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="parent folder of the demo run")] = Path("demo_runs"),
-    teacher_minutes: Annotated[float, typer.Option(help="training budget of the teacher")] = 1.2,
-    student_minutes: Annotated[float, typer.Option(help="budget of each student (labels-only and each recipe)")] = 0.8,
+    teacher_steps: Annotated[int, typer.Option(help="optimiser steps of the teacher")] = 800,
+    student_steps: Annotated[int, typer.Option(help="optimiser steps of each student (labels-only, each recipe)")] = 800,
 ) -> None:
-    """Synthetic end-to-end run: phantoms -> teacher, student, distilled students -> held-out evaluation table."""
+    """Few labels, many images: phantoms -> teacher, student, distilled students -> held-out table and verdicts."""
     from medkd.workflows.demo import run_demo
 
     _setup_logging(False)
-    run_demo(out, teacher_minutes=teacher_minutes, student_minutes=student_minutes, console=console)
+    run_demo(out, teacher_steps=teacher_steps, student_steps=student_steps, console=console)
 
 
 def main() -> None:  # pragma: no cover

@@ -4,16 +4,20 @@ The demo shows the setting where distillation pays: **few labelled cases, many u
 
 1. write a seeded 2D multi-site phantom dataset (nnU-Net raw format); only ``DEMO_LABELED`` of the
    training cases keep their labels, the others are used as unlabelled images;
-2. train a teacher (UNet at half the teacher preset's width, ``shrink=1``) on the labelled cases and a
-   small student (UNet with widths / 16, ``shrink=4``, about 60x fewer parameters) on the same labels;
-3. distil the same student from the teacher with ``logit-kd`` (teacher outputs cached for every
-   training image, labelled or not, so a step costs what a labels-only step costs) and ``reco-kd``
-   (feature terms: the live teacher runs every step, so it gets fewer steps); every student row gets
-   the same wall-clock budget;
+2. train a teacher (UNet at a quarter of the teacher preset's width, ``shrink=2``, 407k parameters)
+   on the labelled cases and a small student (UNet with widths / 16, ``shrink=4``, 27k parameters,
+   15x fewer) on the same labels;
+3. distil the same student from the teacher with ``pseudo-kd`` and ``logit-kd`` (teacher outputs
+   cached for every training image, labelled or not, so a step costs about what a labels-only step
+   costs) and ``reco-kd`` (feature terms: the live teacher runs every step, so each step costs more);
+   every student row gets the same number of optimiser steps, and the table shows the time it took;
 4. predict the held-out cases with each, evaluate (Dice, HD95) and time CPU inference per case;
 5. print one comparison table, then for each recipe the paired difference to the labels-only student
    (Wilcoxon over the held-out cases), the fraction of the teacher-student gap it closes, and plainly
    whether it wins or loses; ``summary.csv`` / ``summary.json`` hold the table.
+
+Budgets are optimiser steps, not minutes, so the demo reaches the same result on a fast or a busy
+machine (only the time column changes).
 """
 
 from __future__ import annotations
@@ -42,16 +46,16 @@ DEMO_LABELED = 6  # training cases that keep their labels; the other 32 of fold 
 DEMO_RECIPES = ("pseudo-kd", "logit-kd", "reco-kd")
 
 
-MODELS = [("teacher", {"name": "unet", "preset": "teacher", "shrink": 1}),
+MODELS = [("teacher", {"name": "unet", "preset": "teacher", "shrink": 2}),
           ("student", {"name": "unet", "preset": "student", "shrink": 4})]
 
 
-def _train_config(dataset: Path, model: dict[str, Any], minutes: float, cache: Path) -> dict[str, Any]:
+def _train_config(dataset: Path, model: dict[str, Any], steps: int, cache: Path) -> dict[str, Any]:
     return {
         "data": {"dataset": str(dataset), "mode": "2d", "patch_size": [96, 96], "batch_size": 16,
                  "num_workers": 1, "cache_dir": str(cache), "num_folds": 5, "labeled_cases": DEMO_LABELED},
         "model": model,
-        "train": {"max_time_min": minutes, "lr": 3e-3, "val_every": 100, "checkpoint_every": 100,
+        "train": {"max_steps": steps, "lr": 3e-3, "val_every": 200, "checkpoint_every": 200,
                   "val_max_cases": 4, "tensorboard": False, "seed": 0},
     }
 
@@ -87,23 +91,23 @@ def _evaluate_model(name: str, checkpoint: Path, dataset_root: Path, out: Path) 
     return row
 
 
-def _train_all(data: Path, out: Path, teacher_minutes: float, student_minutes: float, recipes: tuple[str, ...],
+def _train_all(data: Path, out: Path, teacher_steps: int, student_steps: int, recipes: tuple[str, ...],
                console: Console) -> list[tuple[str, Path]]:
     """Teacher and student on the labelled cases, then the student distilled with each recipe; (row, best.pt)."""
     from medkd.recipes import load_recipe
 
     rows = []
-    budgets = {"teacher": teacher_minutes, "student": student_minutes}
+    budgets = {"teacher": teacher_steps, "student": student_steps}
     for name, model in MODELS:
-        console.print(f"[bold]2/3[/] training the {name} on the {DEMO_LABELED} labelled cases ({budgets[name]} min)")
+        console.print(f"[bold]2/3[/] training the {name} on the {DEMO_LABELED} labelled cases ({budgets[name]} steps)")
         cfg = build_config(_train_config(data, model, budgets[name], out / "cache"))
         rows.append((name, train(cfg, out / name).run_dir / "best.pt"))
     for recipe in recipes:
         spec = load_recipe(recipe)
         source = "cached teacher outputs" if spec.uses_cache else "live teacher"
         console.print(f"[bold]2/3[/] distilling the student with {recipe} on labelled + unlabelled images "
-                      f"({student_minutes} min, {source})")
-        tree = _train_config(data, dict(MODELS)["student"], student_minutes, out / "cache")
+                      f"({student_steps} steps, {source})")
+        tree = _train_config(data, dict(MODELS)["student"], student_steps, out / "cache")
         tree["distill"] = {"teacher": str(rows[0][1]), "recipe": spec.model_dump(mode="json")}
         rows.append((f"student+{recipe}", train(build_config(tree), out / f"student_{recipe}").run_dir / "best.pt"))
     return rows
@@ -128,7 +132,7 @@ def verdicts(out: Path, names: list[str]) -> list[str]:
     return lines
 
 
-def run_demo(out_root: Path, teacher_minutes: float = 1.2, student_minutes: float = 0.8,
+def run_demo(out_root: Path, teacher_steps: int = 800, student_steps: int = 800,
              console: Console | None = None, recipes: tuple[str, ...] = DEMO_RECIPES) -> Path:
     """Run the demo into a new ``out_root/demo-<time>`` folder and return it."""
     from medkd.data.phantoms import make_phantoms
@@ -138,18 +142,21 @@ def run_demo(out_root: Path, teacher_minutes: float = 1.2, student_minutes: floa
     out.mkdir(parents=True, exist_ok=False)
     started = time.monotonic()
     data = make_phantoms(out / "data" / "Dataset001_Phantoms2D", spatial_dims=2, seed=0, **DEMO_CASES)
-    console.print(f"[bold]1/3[/] phantoms written to {data}; {DEMO_LABELED} training cases keep their labels")
-    rows = _train_all(data, out, teacher_minutes, student_minutes, recipes, console)
+    console.print(f"[bold]1/3[/] phantoms written to {data}; {DEMO_LABELED} training cases keep their labels, "
+                  "the others are unlabelled images")
+    rows = _train_all(data, out, teacher_steps, student_steps, recipes, console)
     console.print("[bold]3/3[/] predicting and evaluating the held-out cases")
     table_rows = [_evaluate_model(name, ckpt, data, out) for name, ckpt in rows]
     for row, (name, ckpt) in zip(table_rows, rows):
-        row["steps"] = json.loads((ckpt.parent / "result.json").read_text())["steps"]
+        result = json.loads((ckpt.parent / "result.json").read_text())
+        row["steps"], row["train_min"] = result["steps"], result["elapsed_s"] / 60
     class_names = load_dataset(data).class_names[1:]
-    columns = [("model", "model", "s"), ("params", "params", ",d"), ("steps", "steps", ",d")]
+    columns = [("model", "model", "s"), ("params", "params", ",d"), ("steps", "steps", ",d"),
+               ("train_min", "train min", ".1f")]
     columns += [(f"dice_{c}", f"Dice {c}", ".3f") for c in class_names]
     columns += [("mean_dice", "mean Dice", ".3f"), ("hd95", "HD95", ".2f"), ("latency_ms", "CPU ms/case", ".1f")]
     title = (f"medkd demo: {DEMO_LABELED} labelled training cases, {DEMO_CASES['num_test']} held-out phantoms, "
-             "equal wall-clock per student")
+             "equal steps per student")
     console.print(comparison_table(table_rows, columns, title=title))
     for line in verdicts(out, [name for name, _ in rows]):
         console.print(line, soft_wrap=True)

@@ -11,7 +11,7 @@ from medkd.workflows.demo import run_demo
 @pytest.mark.slow
 def test_demo_runs_end_to_end_with_tiny_budgets(tmp_path):
     console = Console(width=160, record=True)
-    out = run_demo(tmp_path, teacher_minutes=0.05, student_minutes=0.03, console=console)
+    out = run_demo(tmp_path, teacher_steps=3, student_steps=2, console=console)
     printed = console.export_text()
     for recipe in ("pseudo-kd", "logit-kd", "reco-kd"):  # a verdict per recipe, win or loss, with its numbers
         assert any(line.startswith(f"student+{recipe} ") and "Wilcoxon p=" in line and "gap" in line
