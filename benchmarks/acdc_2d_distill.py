@@ -75,12 +75,17 @@ def scored(data: Path, out: Path, name: str, run_dir: Path, tree: dict | None) -
 
 
 def summary_row(label: str, runs: list[dict], base: list[dict], teacher: dict) -> dict:
-    """Mean ± std over seeds, paired Δ per seed, Wilcoxon over per-case Dice (mean over seeds), gap closed."""
+    """Mean ± std over seeds, paired Δ per seed, Wilcoxon over per-case Dice (mean over seeds), gap closed.
+
+    Every run is paired with the labels-only run of its own seed (``"seed"`` key).
+    """
+    is_base = runs is base
+    by_seed = {b["seed"]: b for b in base}
+    base = [by_seed[r["seed"]] for r in runs]
     mean = [r["mean_dice"] for r in runs]
     paired = [r["mean_dice"] - b["mean_dice"] for r, b in zip(runs, base)]
     stats = paired_comparison(mean_over_runs([b["per_case"] for b in base]),
                               mean_over_runs([r["per_case"] for r in runs]), teacher=teacher["mean_dice"])
-    is_base = runs is base
     row = {"row": label, "seeds": len(runs), "steps": int(np.mean([r["steps"] for r in runs])),
            "step_time_rel": np.mean([r["s_per_step"] for r in runs]) / np.mean([b["s_per_step"] for b in base]),
            "val_dice": f"{np.mean([r['val_dice'] for r in runs]):.3f}",

@@ -66,8 +66,9 @@ def student_rows(args, teachers: dict[str, Path]) -> dict[tuple[str, str | None]
     """Runs per (row, teacher tag): labels only, then every recipe from every teacher, seed by seed."""
     rows: dict[tuple[str, str | None], list[dict]] = {("labels only", None): []}
     for seed in args.seeds:
-        rows["labels only", None].append(scored(args.data, args.out, f"labels_seed{seed}",
-                                                args.out / f"labels_seed{seed}", student_tree(args, seed, None, None)))
+        rows["labels only", None].append({**scored(args.data, args.out, f"labels_seed{seed}",
+                                                   args.out / f"labels_seed{seed}", student_tree(args, seed, None, None)),
+                                           "seed": seed})
         for tag, teacher in teachers.items():
             own = tag == f"teacher {args.labeled_fraction:.0%}"
             if not own and seed not in (args.full_teacher_seeds or args.seeds):
@@ -75,7 +76,8 @@ def student_rows(args, teachers: dict[str, Path]) -> dict[tuple[str, str | None]
             for recipe in args.recipes if own else (args.full_teacher_recipes or args.recipes):
                 name = f"{recipe}_{tag}_seed{seed}"  # e.g. "logit-kd_teacher 10%_seed0"
                 rows.setdefault((f"{recipe} ({tag})", tag), []).append(
-                    scored(args.data, args.out, name, args.out / name, student_tree(args, seed, teacher, recipe)))
+                    {**scored(args.data, args.out, name, args.out / name, student_tree(args, seed, teacher, recipe)),
+                     "seed": seed})
     return rows
 
 
