@@ -120,9 +120,11 @@ def verdicts(out: Path, names: list[str]) -> list[str]:
     lines = []
     for name in [n for n in names if n.startswith("student+")]:
         stats = paired_comparison(per_case["student"], per_case[name], teacher=teacher)
+        gap = ("the teacher is not better than labels alone: no gap to close" if np.isnan(stats["gap_closed"])
+               else f"closes {stats['gap_closed']:.0%} of the teacher-student gap")
         numbers = (f"mean Dice {stats['other']:.3f} vs {stats['baseline']:.3f} on labels alone "
-                   f"(Δ {stats['delta']:+.3f}, better on {stats['wins']}/{stats['n']} cases, Wilcoxon p={stats['p_value']:.2g}; "
-                   f"closes {stats['gap_closed']:.0%} of the teacher-student gap)")
+                   f"(Δ {stats['delta']:+.3f}, better on {stats['wins']}/{stats['n']} cases, "
+                   f"Wilcoxon p={stats['p_value']:.2g}; {gap})")
         if stats["delta"] <= 0:
             lines.append(f"[red]{name} LOSES[/] to the labels-only student: {numbers}")
         elif stats["p_value"] < 0.05:
