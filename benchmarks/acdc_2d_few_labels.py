@@ -13,6 +13,10 @@ Rows (each student row: ``--seeds`` seeds, the same number of optimiser steps):
 * with ``--full-teacher BEST_PT``: the same recipes from a teacher trained on *all* labels (as when a user
   distils another site's model), reported as separate rows (their gap closed is to that teacher).
 
+With ``--minutes M`` the labels-only student and each recipe (own teacher) are also trained for ``M``
+minutes of wall-clock each (equal-time rows, compared with the equal-time labels-only rows); run them on a
+quiet machine, since the steps reached depend on the load.
+
 Statistics: per seed the paired difference of mean test Dice to labels-only; per case (40 test
 volumes, Dice averaged over seeds) the two-sided Wilcoxon signed-rank test; the fraction of the
 teacher-student gap closed. Finished runs are reused (restartable). Not a test.
@@ -51,11 +55,12 @@ def teacher_tree(args) -> dict:
     return few_label_data(tree, args)
 
 
-def student_tree(args, seed: int, teacher: Path | None, recipe: str | None) -> dict:
+def student_tree(args, seed: int, teacher: Path | None, recipe: str | None, minutes: float | None = None) -> dict:
+    """The student (UNet width t=``--shrink``); ``--steps`` steps, or ``minutes`` of wall-clock when given."""
     tree = run_config(args.data, "student", None, args.out / "cache", seed)
     tree["model"]["shrink"] = args.shrink
     tree["data"]["augment"] = {"flip_prob": 0.0}
-    tree["train"].update(max_time_min=None, max_steps=args.steps, val_every=args.val_every,
+    tree["train"].update(max_time_min=minutes, max_steps=None if minutes else args.steps, val_every=args.val_every,
                          checkpoint_every=args.val_every, num_threads=args.threads, val_max_cases=None)
     if recipe is not None:
         tree["distill"] = {"teacher": str(teacher), "recipe": load_recipe(recipe).model_dump(mode="json")}
@@ -78,6 +83,13 @@ def student_rows(args, teachers: dict[str, Path]) -> dict[tuple[str, str | None]
                 rows.setdefault((f"{recipe} ({tag})", tag), []).append(
                     {**scored(args.data, args.out, name, args.out / name, student_tree(args, seed, teacher, recipe)),
                      "seed": seed})
+    for seed in args.seeds if args.minutes else []:  # equal wall-clock: labels only and each own-teacher recipe
+        for recipe in [None, *args.recipes]:
+            name = f"{recipe or 'labels'}_time{args.minutes:g}min_seed{seed}"
+            tree = student_tree(args, seed, teachers[f"teacher {args.labeled_fraction:.0%}"] if recipe else None,
+                                recipe, minutes=args.minutes)
+            rows.setdefault((f"{recipe or 'labels only'} ({args.minutes:g} min)", None), []).append(
+                {**scored(args.data, args.out, name, args.out / name, tree), "seed": seed})
     return rows
 
 
@@ -94,6 +106,8 @@ def main() -> None:
     parser.add_argument("--full-teacher-seeds", type=int, nargs="+", default=None, help="default: --seeds")
     parser.add_argument("--shrink", type=int, default=4, help="student UNet width reduction t (4: 26,609 parameters)")
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--minutes", type=float, default=None, help="also train labels-only and each recipe for this "
+                        "wall-clock budget (equal-time rows; run on a quiet machine)")
     parser.add_argument("--val-every", type=int, default=500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipes", nargs="+", default=["logit-kd"])
@@ -109,7 +123,9 @@ def main() -> None:
     rows = student_rows(args, teachers)
     base = rows["labels only", None]
     table = [{**teacher_row(score), "row": tag} for tag, score in scores.items()]
-    table += [summary_row(label, runs, base, scores[tag or own]) for (label, tag), runs in rows.items()]
+    timed = rows.get((f"labels only ({args.minutes:g} min)", None)) if args.minutes else None
+    table += [summary_row(label, runs, timed if label.endswith(" min)") else base, scores[tag or own])
+              for (label, tag), runs in rows.items()]
     write_json({"teachers": scores, "rows": {label: runs for (label, _), runs in rows.items()}}, args.out / "runs.json")
     write_csv(table, args.out / "summary.csv")
     title = (f"ACDC 2D, {args.labeled_fraction:.0%} of training cases labelled, student UNet t={args.shrink}, "
