@@ -84,7 +84,7 @@ def student_rows(args, teachers: dict[str, Path]) -> dict[tuple[str, str | None]
                     {**scored(args.data, args.out, name, args.out / name, student_tree(args, seed, teacher, recipe)),
                      "seed": seed})
     for seed in args.seeds if args.minutes else []:  # equal wall-clock: labels only and each own-teacher recipe
-        for recipe in [None, *args.recipes]:
+        for recipe in [None, *(args.time_recipes or args.recipes)]:
             name = f"{recipe or 'labels'}_time{args.minutes:g}min_seed{seed}"
             tree = student_tree(args, seed, teachers[f"teacher {args.labeled_fraction:.0%}"] if recipe else None,
                                 recipe, minutes=args.minutes)
@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--minutes", type=float, default=None, help="also train labels-only and each recipe for this "
                         "wall-clock budget (equal-time rows; run on a quiet machine)")
+    parser.add_argument("--time-recipes", nargs="+", default=None, help="recipes of the equal-time rows "
+                        "(default: --recipes)")
     parser.add_argument("--val-every", type=int, default=500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipes", nargs="+", default=["logit-kd"])
