@@ -138,8 +138,7 @@ class PatchDataset(Dataset):
         index = self._draw_case(rng)
         case = self.cases[index]
         labeled = index < self.num_labeled
-        image = case.load_image()
-        label = case.load_label() if labeled else np.zeros((1, *image.shape[1:]), dtype=np.int16)
+        image, label = case.load_image(), case.load_label() if labeled else None
         locations = self._class_locations(index)
         centre = None
         if locations and rng.random() < self.oversample:
@@ -148,12 +147,14 @@ class PatchDataset(Dataset):
         z = None
         if self.spatial_dims == 2:
             z = int(centre[0]) if centre is not None else int(rng.integers(image.shape[1]))
-            image, label = image[:, z], label[:, z]
+            image, label = image[:, z], None if label is None else label[:, z]
             centre = None if centre is None else centre[1:]
         start = self._window(rng, image.shape[1:], centre)
         item = {
             "image": crop_or_pad(image, start, self.patch_size).astype(np.float32),
-            "label": crop_or_pad(label, start, self.patch_size),
+            # unlabelled: an all-zero patch (never a whole-volume array), ignored by the supervised term
+            "label": crop_or_pad(label, start, self.patch_size) if labeled
+            else np.zeros((1, *self.patch_size), dtype=np.int16),
             "transform_seed": int(rng.integers(2**31 - 1)),
             "case": index,
             "labeled": labeled,
