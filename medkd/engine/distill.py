@@ -162,6 +162,7 @@ class Distiller(nn.Module):
                 modules.append(_build_term(term, s_ch, t_ch, spatial_dims, num_classes))
                 self.taps[name].append((s_names, t_names))
             self.terms[name] = nn.ModuleList(modules)
+        self._label_aware = any(getattr(mods[0], "inputs", "") == "features+label" for mods in self.terms.values())
         student_names = sorted({n for pairs in self.taps.values() for s, _ in pairs for n in s})
         self._student_taps = FeatureTaps(student, student_names) if student_names else None
         self._teacher_taps = []
@@ -259,7 +260,7 @@ class Distiller(nn.Module):
         out = {"seg": self._supervised_term(s_out, label, labeled)}
         if self.balancer is not None and (labeled is None or bool(labeled.any())):
             self.balancer.observe_supervised(out["seg"])
-        if members is not None:
+        if members is not None and self._label_aware:
             label = self._region_label(label, labeled, members)
         for name, modules in self.terms.items():
             if getattr(modules[0], "inputs", "logits") == "logits+uncertainty":
