@@ -22,7 +22,7 @@ from medkd.losses.logits import (
     ProbabilityMSELoss,
     UncertaintyRegressionLoss,
 )
-from medkd.losses.pseudo import PseudoLabelLoss
+from medkd.losses.pseudo import PseudoLabelLoss, SoftDiceLoss
 from medkd.losses.regions import MSCALoss, MSSARDLoss, RegionAffinityLoss
 
 __all__ = ["DISTILL_INPUTS", "DISTILL_LOSSES", "build_distill_loss", "describe"]
@@ -42,6 +42,7 @@ DISTILL_LOSSES: dict[str, type[nn.Module]] = {
     "contrastive": SupervisedInfoNCELoss,
     "uncertainty": UncertaintyRegressionLoss,
     "pseudo_label": PseudoLabelLoss,
+    "soft_dice": SoftDiceLoss,
 }
 
 

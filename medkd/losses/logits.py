@@ -78,21 +78,28 @@ class KLDivergenceLoss(nn.Module):
     ``(B, 1, *spatial)`` or ``(B, *spatial)`` (bool or non-negative weights) the average is
     ``sum(mask * kl) / sum(mask)`` (0 for an empty mask).
 
+    ``class_balanced``: the voxel mean weighs a class by its volume, so a structure of a few voxels
+    hardly counts. With this option each voxel ``v`` is weighted by ``1 / n_a(v)``, where ``a(v)``
+    is the teacher's argmax class and ``n_c`` the (mask-weighted) number of voxels of class ``c`` in
+    the batch: the loss becomes the mean over the classes present of each class's mean KL.
+
     Args:
         temperature: ``T > 0``; the ``T^2`` factor keeps gradient magnitudes comparable across ``T``.
         teacher_is_probs: the second input holds probabilities ``p`` (e.g. an averaged ensemble or
             a cache), not logits. They are softened as ``p^(1/T) / sum_c p^(1/T)``, which equals
             ``softmax(z / T)`` when ``p = softmax(z)``.
+        class_balanced: weight voxels by the inverse frequency of the teacher's class (see above).
 
     Shapes: ``(B, C, *spatial)`` twice -> scalar. Zero when the two distributions are equal.
     """
 
     inputs = "logits"
 
-    def __init__(self, temperature: float = 4.0, teacher_is_probs: bool = False) -> None:
+    def __init__(self, temperature: float = 4.0, teacher_is_probs: bool = False, class_balanced: bool = False) -> None:
         super().__init__()
         self.temperature = _check_temperature(temperature)
         self.teacher_is_probs = bool(teacher_is_probs)
+        self.class_balanced = bool(class_balanced)
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
@@ -102,7 +109,20 @@ class KLDivergenceLoss(nn.Module):
         log_pt = _teacher_log_probs(teacher_logits, t, self.teacher_is_probs)
         log_ps = F.log_softmax(student_logits / t, dim=1)
         kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1, keepdim=True)
+        if self.class_balanced:
+            mask = _class_balance_weights(log_pt, mask)
         return t * t * _masked_voxel_mean(kl, mask)
+
+
+def _class_balance_weights(log_pt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-voxel weights ``m_v / n_a(v)`` (``B, 1, *spatial``): ``a`` the teacher's argmax class, ``n_c``
+    the mask-weighted count of class ``c`` in the batch."""
+    winner = log_pt.argmax(dim=1, keepdim=True)
+    weights = torch.ones_like(log_pt[:, :1]) if mask is None else \
+        (mask.unsqueeze(1) if mask.ndim == log_pt.ndim - 1 else mask).to(log_pt.dtype)
+    counts = torch.zeros(log_pt.shape[1], dtype=log_pt.dtype, device=log_pt.device)
+    counts.scatter_add_(0, winner.flatten(), weights.expand_as(winner).flatten())
+    return weights / counts.clamp_min(torch.finfo(log_pt.dtype).tiny)[winner]
 
 
 class ProbabilityMSELoss(nn.Module):

@@ -1,4 +1,10 @@
-r"""Pseudo-label distillation: the student learns the teacher's confident hard labels with Dice + CE.
+r"""Decision-level distillation: Dice-type losses against the teacher's labels or probabilities.
+
+Voxel-averaged terms (KL, CE) weigh a class by its volume, so a structure of a few voxels (a lesion,
+a vessel) hardly counts; Dice is normalised per class, which is why nnU-Net adds it to CE. These
+losses bring that per-class normalisation to distillation.
+
+**Pseudo labels** (:class:`PseudoLabelLoss`): the student learns the teacher's confident hard labels.
 
 On unlabelled images the teacher's soft output is one target (KL); its *decision* is another, closer
 to how the student is judged. Per voxel ``v`` the pseudo-label is ``y_v = argmax_c p_t,c`` and the
@@ -14,6 +20,12 @@ confidence ``q_v = max_c p_t,c`` (``p_t = softmax(z_t)``, ``T = 1``); voxels wit
 summed over the whole batch (``s = 1e-5``), ``loss = CE + Dice``; 0 when no voxel is confident. The
 teacher input may be logits or the teacher-output cache's target logits (the same thing at ``T = 1``).
 Gradients reach only the student.
+
+**Soft Dice** (:class:`SoftDiceLoss`): the Dice above with the teacher's probabilities
+``p_t = softmax(z_t / T)`` in place of the one-hot pseudo-label and no mask, foreground classes only
+by default (as nnU-Net's Dice). A class's weight does not depend on its size, so the teacher's small
+structures count as much as its large ones. Its minimum is the teacher's decision (a sharpened
+``p_t``), not ``p_t`` itself: pair it with KL where calibrated probabilities matter.
 """
 
 from __future__ import annotations
@@ -55,9 +67,49 @@ class PseudoLabelLoss(nn.Module):
         log_ps = F.log_softmax(student_logits, dim=1)
         ce = -(log_ps.gather(1, target[:, None]).squeeze(1) * mask).sum() / mask.sum()
         onehot = F.one_hot(target, student_logits.shape[1]).movedim(-1, 1).to(student_logits.dtype)
-        ps, m = log_ps.exp(), mask[:, None]
-        axes = [0, *range(2, student_logits.ndim)]
-        overlap = (m * ps * onehot).sum(axes)
-        total = (m * ps).sum(axes) + (m * onehot).sum(axes)
-        dice = 1.0 - ((2 * overlap + SMOOTH) / (total + SMOOTH)).mean()
+        dice = batch_dice_loss(log_ps.exp(), onehot, mask[:, None])
         return ce + self.dice_weight * dice
+
+
+def batch_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``1 - mean_c (2 sum_v m p t + s) / (sum_v m p + sum_v m t + s)`` over batch and space.
+
+    ``probs`` and ``target`` ``(B, C, *spatial)``; ``mask`` ``(B, 1, *spatial)`` or None (all voxels).
+    """
+    axes = [0, *range(2, probs.ndim)]
+    if mask is not None:
+        probs, target = mask * probs, mask * target
+    overlap = (probs * target).sum(axes)
+    total = probs.sum(axes) + target.sum(axes)
+    return 1.0 - ((2 * overlap + SMOOTH) / (total + SMOOTH)).mean()
+
+
+class SoftDiceLoss(nn.Module):
+    """Dice between the student's and the teacher's class probabilities, per class over the batch.
+
+    Args:
+        temperature: ``T > 0`` applied to both sides (``T = 1``: the teacher's own probabilities).
+        include_background: also average over class 0 (default: foreground classes only).
+
+    Shapes: student and teacher logits ``(B, C, *spatial)`` -> scalar in ``[0, 1]``. Gradients reach
+    only the student.
+    """
+
+    inputs = "logits"
+
+    def __init__(self, temperature: float = 1.0, include_background: bool = False) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature, self.include_background = float(temperature), bool(include_background)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        check_logit_pair(student_logits, teacher_logits)
+        if student_logits.shape[1] < 2 and not self.include_background:
+            raise ValueError("soft Dice without background needs at least 2 classes")
+        first = 0 if self.include_background else 1
+        teacher = teacher_logits.detach()
+        teacher = teacher.to(torch.promote_types(teacher.dtype, torch.float32))  # float16 cache -> float32
+        p_t = torch.softmax(teacher / self.temperature, dim=1).to(student_logits.dtype)
+        p_s = torch.softmax(student_logits / self.temperature, dim=1)
+        return batch_dice_loss(p_s[:, first:], p_t[:, first:])

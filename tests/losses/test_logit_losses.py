@@ -99,6 +99,42 @@ def test_kl_mask_matches_reference(spatial):
     assert empty.item() == 0.0 and empty.requires_grad
 
 
+def _class_balanced_kl_reference(s, t, temperature, mask=None):
+    """Mean over the teacher's argmax classes present of each class's (mask-weighted) mean KL."""
+    s, t = s.detach().numpy(), t.detach().numpy()
+    per_class: dict[int, list[float]] = {}
+    for b in range(s.shape[0]):
+        for pos in np.ndindex(*s.shape[2:]):
+            z_t = [t[(b, c, *pos)] for c in range(s.shape[1])]
+            p_s = _softmax([s[(b, c, *pos)] for c in range(s.shape[1])], temperature)
+            p_t = _softmax(z_t, temperature)
+            kl = sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s))
+            w = 1.0 if mask is None else float(mask[(b, 0, *pos)])
+            sums = per_class.setdefault(int(np.argmax(z_t)), [0.0, 0.0])
+            sums[0], sums[1] = sums[0] + w * kl, sums[1] + w
+    means = [total / weight for total, weight in per_class.values() if weight > 0]
+    return temperature**2 * sum(means) / len(means)
+
+
+@pytest.mark.parametrize("spatial", SPATIAL)
+def test_class_balanced_kl_matches_reference(spatial):
+    s, t = _logits(spatial, seed=5, classes=4)
+    t[:, 3] -= 6.0  # class 3 wins only a few voxels: the case the option is for
+    loss = KLDivergenceLoss(4.0, class_balanced=True)
+    assert loss(s, t).item() == pytest.approx(_class_balanced_kl_reference(s, t, 4.0), rel=1e-10)
+    mask = (torch.rand(2, 1, *spatial, generator=torch.Generator().manual_seed(3)) > 0.3).double()
+    assert loss(s, t, mask=mask).item() == pytest.approx(
+        _class_balanced_kl_reference(s, t, 4.0, mask=mask.numpy()), rel=1e-10)
+    # one class everywhere: the same as the plain voxel mean
+    single = t.clone()
+    single[:, 0] += 50.0
+    assert loss(s, single).item() == pytest.approx(KLDivergenceLoss(4.0)(s, single).item(), rel=1e-10)
+    assert loss(t, t).item() == pytest.approx(0.0, abs=1e-12)
+    student, teacher = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    loss(student, teacher).backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad is None
+
+
 @pytest.mark.parametrize("spatial", SPATIAL)
 def test_kl_teacher_probabilities(spatial):
     s, t = _logits(spatial, seed=11)
@@ -214,7 +250,7 @@ def test_distill_registry():
     from medkd.losses.distill_registry import DISTILL_INPUTS, DISTILL_LOSSES, build_distill_loss, describe
 
     expected = {"kl", "prob_mse", "cwd", "feature", "attention", "skd", "ms_sard", "ms_ca", "region_affinity",
-                "contrastive", "uncertainty", "pseudo_label"}
+                "contrastive", "uncertainty", "pseudo_label", "soft_dice"}
     assert set(DISTILL_LOSSES) == expected
     assert all(cls.inputs in DISTILL_INPUTS for cls in DISTILL_LOSSES.values())
     assert DISTILL_LOSSES["uncertainty"].inputs == "logits+uncertainty"
