@@ -7,10 +7,13 @@ The demo shows the setting where distillation pays: **few labelled cases, many u
 2. train a teacher (UNet at a quarter of the teacher preset's width, ``shrink=2``, 407k parameters)
    on the labelled cases and a small student (UNet with widths / 16, ``shrink=4``, 27k parameters,
    15x fewer) on the same labels;
-3. distil the same student from the teacher with ``pseudo-kd`` and ``logit-kd`` (teacher outputs
-   cached for every training image, labelled or not, so a step costs about what a labels-only step
-   costs); every student row gets the same number of optimiser steps, and the table shows the time
-   each took (feature recipes such as ``reco-kd`` run the teacher live and are left to the benchmarks);
+3. distil the same student from the teacher with ``balanced-kd`` (class-balanced KL and soft Dice, so
+   the lesion of a few voxels counts as much as the organ) and with plain ``logit-kd`` (voxel-averaged
+   KL, which lets the small student drop the lesion: the demo shows why the balance matters); teacher
+   outputs are cached for every training image, labelled or not, so a step costs about what a
+   labels-only step costs; every student row gets the same number of optimiser steps, and the table
+   shows the time each took (feature recipes such as ``reco-kd`` run the teacher live and are left to
+   the benchmarks);
 4. predict the held-out cases with each, evaluate (Dice, HD95) and time CPU inference per case;
 5. print one comparison table, then for each recipe the paired difference to the labels-only student
    (Wilcoxon over the held-out cases), the fraction of the teacher-student gap it closes, the
@@ -44,7 +47,7 @@ from medkd.models import count_parameters
 
 DEMO_CASES = {"num_train": 48, "num_test": 12}
 DEMO_LABELED = 3  # training cases that keep their labels; the other 35 of fold 0 are unlabelled images
-DEMO_RECIPES = ("pseudo-kd", "logit-kd")
+DEMO_RECIPES = ("balanced-kd", "logit-kd")
 
 
 MODELS = [("teacher", {"name": "unet", "preset": "teacher", "shrink": 2}),

@@ -15,8 +15,8 @@ from medkd.models import create
 from medkd.recipes import list_recipes, load_recipe, recipe_from_dict
 from medkd.storage import load_checkpoint
 
-SHIPPED = ["adaptive-multi-teacher", "cwd", "ensemble-kd", "logit-kd", "mtms-contrastive", "prostate-kd", "pseudo-kd",
-           "reco-kd", "skd"]
+SHIPPED = ["adaptive-multi-teacher", "balanced-kd", "cwd", "ensemble-kd", "logit-kd", "mtms-contrastive", "prostate-kd",
+           "pseudo-kd", "reco-kd", "skd"]
 
 
 def test_all_recipes_ship_and_validate():
