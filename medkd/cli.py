@@ -78,16 +78,17 @@ def check_data_cmd(
     dataset: Annotated[Path, typer.Argument(help="nnU-Net v2 raw or MSD dataset folder")],
     include_test: Annotated[bool, typer.Option("--test/--no-test", help="also check imagesTs/labelsTs")] = True,
 ) -> None:
-    """Validate a whole dataset: files, shapes, geometry, label values, NaN/Inf. Exit 1 on any problem."""
-    from medkd.data.validate import check_dataset
+    """Validate a whole dataset: files, image sizes, shapes, geometry, label values, NaN/Inf, splits_final.json,
+    foreground and constant images. Exit 1 on any error; warnings (suspicious data) are listed only."""
+    from medkd.data.validate import check_dataset, errors
 
     problems = check_dataset(dataset, include_test=include_test, progress=True)
-    if problems:
-        for problem in problems:
-            err_console.print(f"  {problem}", highlight=False, soft_wrap=True)
-        err_console.print(f"[bold red]{len(problems)} problem(s)[/] in {dataset}")
+    for problem in problems:
+        err_console.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)  # "[kind]" is no style
+    if failed := len(errors(problems)):
+        err_console.print(f"[bold red]{failed} error(s)[/], {len(problems) - failed} warning(s) in {dataset}")
         raise typer.Exit(1)
-    console.print(f"[green]ok[/]: {dataset} passed all checks")
+    console.print(f"[green]ok[/]: {dataset} passed all checks" + (f" with {len(problems)} warning(s)" if problems else ""))
 
 
 def _train_options(

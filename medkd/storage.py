@@ -1,4 +1,4 @@
-"""Atomic file writes and safe checkpoint loading.
+"""Atomic file writes, file checksums for the caches, and safe checkpoint loading.
 
 A medkd checkpoint is a plain dictionary of tensors, numbers, strings, lists and dicts, so it loads
 with ``torch.load(..., weights_only=True)``: no pickled code is ever executed. Keys:
@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +65,37 @@ def atomic_write_numpy(path: str | Path, save: Callable[..., None], *args: Any, 
     buffer = io.BytesIO()
     save(buffer, *args, **kwargs)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def crc32_of_file(path: str | Path, chunk: int = 1 << 24) -> int:
+    """CRC-32 of a file's bytes, read in ``chunk``-sized blocks (bounded memory)."""
+    value = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            value = zlib.crc32(block, value)
+    return value
+
+
+def file_record(path: str | Path) -> dict[str, int]:
+    """``{"bytes": size, "crc32": checksum}`` of a file, as the caches store it in their sidecars."""
+    return {"bytes": Path(path).stat().st_size, "crc32": crc32_of_file(path)}
+
+
+def file_problem(path: str | Path, record: dict[str, Any] | None, *, check_crc: bool = True) -> str | None:
+    """Why ``path`` does not match its :func:`file_record` (``None`` when it does).
+
+    Missing file and size are checked first (one ``stat``); the CRC, which reads the whole file, only
+    with ``check_crc``. Shared by the preprocessing and teacher-output caches.
+    """
+    path = Path(path)
+    if record is None or not path.is_file():
+        return f"{path.name} missing"
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        return f"{path.name} has {size} bytes, expected {record.get('bytes')} (truncated?)"
+    if check_crc and crc32_of_file(path) != record.get("crc32"):
+        return f"{path.name} fails its CRC-32 check (corrupted)"
+    return None
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

@@ -130,3 +130,41 @@ def test_predict_uncertainty_needs_a_teacher_set(phantoms_2d, tmp_path):
     bad = runner.invoke(app, ["predict", "--checkpoint", str(ckpt), "-i", str(phantoms_2d),
                               "-o", str(tmp_path / "o"), "--combine", "vote"])
     assert bad.exit_code == 1 and "mean_prob, mean_logits" in bad.output
+
+
+def test_check_data_lists_warnings_but_exits_1_only_on_errors(phantoms_2d, tmp_path):
+    import numpy as np
+
+    from medkd.data.io import read_image, write_image
+
+    root = tmp_path / "ds"
+    shutil.copytree(phantoms_2d, root)
+    first = sorted((root / "imagesTr").iterdir())[0]
+    image, geometry = read_image(first)
+    write_image(np.zeros_like(image), geometry, first)
+    result = runner.invoke(app, ["check-data", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "warning [constant-image]" in result.output and first.name in result.output
+    assert "passed all checks with 1 warning(s)" in result.output
+    (root / "splits_final.json").write_text(json.dumps([{"train": ["phantom_000"], "val": ["phantom_000"]}]))
+    bad = runner.invoke(app, ["check-data", str(root)])
+    assert bad.exit_code == 1 and "[bad-splits]" in bad.output and "splits_final.json" in bad.output
+    assert "1 error(s), 1 warning(s)" in bad.output
+
+
+def test_predict_names_the_image_holding_nan(phantoms_2d, tmp_path):
+    import numpy as np
+
+    from medkd.data.io import read_image, write_image
+
+    ckpt = _untrained_checkpoint(phantoms_2d, tmp_path / "one.pt", 0)
+    folder = tmp_path / "in"
+    source = sorted((phantoms_2d / "imagesTs").iterdir())[0]
+    image, geometry = read_image(source)
+    image = image.astype(np.float32)
+    image[3, 4] = np.nan
+    bad = folder / source.name.replace(".png", ".nii.gz")
+    write_image(image, geometry, bad)
+    result = runner.invoke(app, ["predict", "--checkpoint", str(ckpt), "-i", str(folder), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{bad}: image holds 1 NaN/Inf voxel(s)" in result.output.replace("\n", "")

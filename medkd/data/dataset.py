@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,10 @@ def _msd_entry_path(root: Path, value: Any, key: str, src: Path) -> Path:
         file_ending(value)
     except ValueError:
         raise DatasetError(f"{src}: key {key!r} has an unsupported file ending: {value!r}") from None
+    parts = Path(os.path.normpath(value.replace("\\", "/"))).parts
+    if Path(value).is_absolute() or value.startswith("~") or (parts and parts[0] == ".."):
+        raise DatasetError(f"{src}: key {key!r} is {value!r}, which leaves the dataset folder {root}; "
+                           "MSD paths must be relative and inside it")
     return root / value
 
 

@@ -8,15 +8,15 @@ returned by ``SimpleITK.Image.GetDirection()``.
 
 PNG files carry no origin/direction (ITK stores the spacing only), so a 2D geometry written to
 ``.png`` comes back with origin 0 and identity direction.
+
+Before any voxel is read, the header's declared size is compared with the file
+(:mod:`medkd.data.io_checks`), so a small file claiming a huge volume is refused instead of allocated.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,18 +24,11 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from medkd.data.io_checks import ImageReadError, check_declared_size, scan_nifti
+
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png")
 
 PathLike = str | os.PathLike
-
-
-class ImageReadError(RuntimeError):
-    """An image file could not be read; the message names the path and the reason."""
-
-    def __init__(self, path: PathLike, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"cannot read image {self.path}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -163,76 +156,15 @@ def _itk_reason(exc: BaseException) -> str:
     return re.sub(r"^(ITK ERROR|sitk::ERROR):\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", text)
 
 
-@dataclass(frozen=True)
-class _NiftiLayout:
-    endian: str
-    datatype: int
-    bitpix: int
-    dims: tuple[int, ...]  # (x, y[, z[, t ...]]) as stored, Fortran order
-    offset: int
-
-    @property
-    def num_voxels(self) -> int:
-        return int(np.prod(self.dims))
-
-    @property
-    def required_bytes(self) -> int:
-        return self.offset + self.num_voxels * self.bitpix // 8
-
-
-def _nifti_layout(header: bytes) -> _NiftiLayout | None:
-    """Parse the data layout from a NIfTI-1/2 header, or None when it cannot be parsed."""
-    for endian in "<>":
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
-            dims = struct.unpack(endian + "8h", header[40:56])
-            offset = max(int(struct.unpack(endian + "f", header[108:112])[0]), 348)
-            break
-        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
-            dims = struct.unpack(endian + "8q", header[16:80])
-            offset = max(struct.unpack(endian + "q", header[168:176])[0], 540)
-            break
-    else:
-        return None
-    if not 1 <= dims[0] <= 7:
-        return None
-    return _NiftiLayout(endian, datatype, bitpix, tuple(max(int(d), 1) for d in dims[1 : dims[0] + 1]), offset)
-
-
-def _nifti_bytes(path: Path, ending: str) -> bytes:
-    if ending == ".nii":
-        return path.read_bytes()
+def _read_information(path: Path) -> sitk.ImageFileReader:
+    """A reader of ``path`` after ``ReadImageInformation`` (header only, no voxels)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    except (EOFError, OSError, zlib.error) as exc:
-        raise ImageReadError(path, f"file is truncated or not valid gzip ({exc})") from None
-
-
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype code -> numpy dtype
-
-
-def _check_nifti(path: Path, ending: str, array: np.ndarray) -> np.ndarray:
-    """ITK zero-fills truncated NIfTI data and reads NaN/Inf voxels as 0: detect truncation and
-    restore the non-finite voxels from the raw data so that they can be found downstream."""
-    payload = _nifti_bytes(path, ending)
-    layout = _nifti_layout(payload[:540])
-    if layout is None:
-        return array
-    if len(payload) < layout.required_bytes:
-        raise ImageReadError(path, f"file is truncated: {len(payload)} of {layout.required_bytes} bytes present")
-    if layout.datatype not in _NIFTI_FLOATS or layout.num_voxels != array.size:
-        return array
-    dtype = np.dtype(layout.endian + _NIFTI_FLOATS[layout.datatype])
-    raw = np.frombuffer(payload, dtype=dtype, count=layout.num_voxels, offset=layout.offset)
-    if np.all(np.isfinite(raw)):
-        return array
-    raw = raw.reshape(layout.dims, order="F").transpose().reshape(array.shape)  # numpy order
-    mask = ~np.isfinite(raw)
-    out = array.astype(np.result_type(array.dtype, np.float32))
-    out[mask] = raw[mask]
-    return out
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ImageReadError(path, f"header is unreadable ({_itk_reason(exc)})") from None
+    return reader
 
 
 def read_image(path: PathLike) -> tuple[np.ndarray, Geometry]:
@@ -243,8 +175,10 @@ def read_image(path: PathLike) -> tuple[np.ndarray, Geometry]:
     """
     path = Path(path)
     ending = _check_readable(path)
+    reader = _read_information(path)
+    check_declared_size(path, ending, reader)  # before ITK allocates what the header declares
     try:
-        image = sitk.ReadImage(str(path))
+        image = reader.Execute()
         array = sitk.GetArrayFromImage(image)
     except (RuntimeError, MemoryError, ValueError) as exc:
         raise ImageReadError(path, f"file is unreadable or truncated ({_itk_reason(exc)})") from None
@@ -257,8 +191,9 @@ def read_image(path: PathLike) -> tuple[np.ndarray, Geometry]:
         array = np.moveaxis(array, -1, 0)
     elif image.GetDimension() == 4:  # 4D NIfTI: (t, z, y, x) with t = channels
         geometry = _spatial_geometry(geometry, 3)
+    del image  # the ITK buffer: only the numpy copy is kept while the file is scanned
     if ending in (".nii", ".nii.gz"):
-        array = _check_nifti(path, ending, array)
+        array = scan_nifti(path, ending, array)
     return np.ascontiguousarray(array), geometry
 
 
@@ -266,12 +201,7 @@ def read_header(path: PathLike) -> tuple[tuple[int, ...], Geometry]:
     """Shape (numpy order, channel-first for 4D/multi-component) and geometry without reading voxels."""
     path = Path(path)
     ending = _check_readable(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise ImageReadError(path, f"header is unreadable ({_itk_reason(exc)})") from None
+    reader = _read_information(path)
     components = reader.GetNumberOfComponents()
     _check_components(path, ending, components)
     shape = tuple(int(s) for s in reversed(reader.GetSize()))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -30,9 +31,12 @@ import numpy as np
 import torch
 from monai.transforms import Resize
 
-from medkd.data.dataset import Case, DatasetInfo, read_case
+from medkd.data.cache_integrity import file_problem_in_cache, image_problem, label_problem, write_recorded
+from medkd.data.dataset import Case, DatasetError, DatasetInfo, read_case
 from medkd.data.io import Geometry
-from medkd.storage import atomic_write_numpy, atomic_write_text
+from medkd.storage import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 MAX_LOCATIONS_PER_CLASS = 10_000
@@ -268,21 +272,35 @@ def case_files(folder: Path, case_id: str) -> dict[str, Path]:
             "locations": folder / f"{case_id}_loc.npz", "sidecar": folder / f"{case_id}.json"}
 
 
+def _check_values(case: Case, dataset: DatasetInfo, image: np.ndarray, label: np.ndarray | None) -> None:
+    """Refuse values that would fail training later without naming the case (NaN logits, unknown labels)."""
+    why = image_problem(image)
+    if why is not None:
+        raise DatasetError(f"case {case.case_id} ({', '.join(map(str, case.image_files))}): {why}; not cached")
+    allowed = set(dataset.labels.values()) | ({dataset.ignore_label} if dataset.ignore_label is not None else set())
+    why = None if label is None else label_problem(label, allowed)
+    if why is not None:
+        raise DatasetError(f"case {case.case_id} ({case.label_file}): {why}; not cached")
+
+
 def _preprocess_and_store(args: tuple[Case, DatasetInfo, PreprocessingPlan, Path]) -> dict[str, Any]:
     case, dataset, plan, folder = args
     torch.set_num_threads(1)
     files = case_files(folder, case.case_id)
     image, label, geometry = read_case(case, dataset)
     image_pp, label_pp, props = preprocess_arrays(image, label, geometry, plan)
+    _check_values(case, dataset, image_pp, label_pp)
     props["case_id"] = case.case_id
     props["metadata"] = dict(case.metadata)
     props["source"] = _source_fingerprint(case)
-    atomic_write_numpy(files["image"], np.save, np.ascontiguousarray(image_pp))
+    records = {"image": write_recorded(files["image"], np.save, np.ascontiguousarray(image_pp))}
     if label_pp is not None:
-        atomic_write_numpy(files["label"], np.save, np.ascontiguousarray(label_pp))
+        records["label"] = write_recorded(files["label"], np.save, np.ascontiguousarray(label_pp))
         locations = class_locations(label_pp, seed=0)
         props["classes_present"] = sorted(locations)
-        atomic_write_numpy(files["locations"], np.savez, **{f"c{k}": v for k, v in locations.items()})
+        records["locations"] = write_recorded(files["locations"], np.savez,
+                                              **{f"c{k}": v for k, v in locations.items()})
+    props["files"] = records
     atomic_write_text(files["sidecar"], json.dumps(props))  # last: marks the case complete
     return props
 
@@ -312,22 +330,41 @@ class PreprocessedStore:
             properties=props,
         )
 
-    def _cached_properties(self, case: Case) -> dict[str, Any] | None:
+    def _cached_properties(self, case: Case) -> tuple[dict[str, Any] | None, str | None]:
+        """The sidecar of a reusable cached case, else ``None`` and why a cached entry is unusable
+        (why is ``None`` when nothing is cached or the sources changed: nothing to warn about)."""
         files = case_files(self.folder, case.case_id)
+        if not files["sidecar"].is_file():
+            return None, None
         try:
             props = json.loads(files["sidecar"].read_text())
-        except (OSError, ValueError):
-            return None
-        needed = [files["image"]]
-        if case.label_file is not None:
-            needed += [files["label"], files["locations"]]
-        if props.get("source") != _source_fingerprint(case) or not all(p.is_file() for p in needed):
-            return None
-        return props
+        except (OSError, ValueError) as err:
+            return None, f"has an unreadable sidecar {files['sidecar'].name} ({err})"
+        if props.get("source") != _source_fingerprint(case):
+            return None, None
+        records = props.get("files")
+        if not isinstance(records, dict):
+            return None, "has no checksums (cached by an older medkd)"
+        names = ["image", *(["label", "locations"] if case.label_file is not None else [])]
+        for name in names:
+            why = file_problem_in_cache(files[name], records.get(name))
+            if why is not None:
+                return None, why
+        return props, None
 
     def ensure(self, cases: Sequence[Case], num_workers: int = 2) -> list[PreprocessedCase]:
-        """Preprocess what is missing or stale (in parallel), reuse the rest; keeps ``cases`` order."""
-        cached = {case.case_id: self._cached_properties(case) for case in cases}
+        """Preprocess what is missing, stale or damaged (in parallel), reuse the rest; keeps ``cases`` order.
+
+        A damaged entry (size, dtype, shape or CRC-32 differ from its record) is rebuilt with a warning
+        naming the case; its id is in :attr:`rebuilt` afterwards.
+        """
+        cached: dict[str, dict[str, Any] | None] = {}
+        self.rebuilt: list[str] = []
+        for case in cases:
+            cached[case.case_id], why = self._cached_properties(case)
+            if why is not None:
+                log.warning("preprocessing cache %s: case %s %s; rebuilding it", self.folder, case.case_id, why)
+                self.rebuilt.append(case.case_id)
         todo = [case for case in cases if cached[case.case_id] is None]
         if todo:
             jobs = [(case, self.dataset, self.plan, self.folder) for case in todo]

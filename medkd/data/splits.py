@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -13,29 +14,69 @@ from medkd.data.dataset import DatasetError, DatasetInfo
 SPLITS_FILE = "splits_final.json"
 
 
-def _split_from_file(dataset: DatasetInfo, fold: int) -> tuple[list[str], list[str]]:
-    path = dataset.root / SPLITS_FILE
+def _load_splits(path: Path) -> list:
+    """The folds of ``splits_final.json``; :class:`DatasetError` naming the file when unreadable or malformed."""
     try:
         splits = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(splits, list) or not splits:
         raise DatasetError(f"{path}: must be a non-empty list of {{'train': [...], 'val': [...]}}")
+    return splits
+
+
+def _listing(ids: Iterable[str]) -> str:
+    ids = sorted(ids)
+    return ", ".join(ids[:10]) + (f" ... ({len(ids)} in all)" if len(ids) > 10 else "")
+
+
+def _fold_problems(path: Path, fold: int, entry: object, known: set[str]) -> list[str]:
+    """Everything that makes fold ``fold`` of ``splits_final.json`` unusable for training (messages name the file)."""
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), list) for k in ("train", "val")):
+        return [f"{path}: fold {fold} must be an object with lists 'train' and 'val'"]
+    train, val = [str(c) for c in entry["train"]], [str(c) for c in entry["val"]]
+    problems = []
+    paths = {c for c in train + val if "/" in c or "\\" in c or c.startswith(".")}
+    if paths:
+        problems.append(f"{path}: fold {fold} names file paths, not case ids (they would leave the dataset): "
+                        f"{_listing(paths)}")
+    unknown = set(train + val) - known - paths
+    if unknown:
+        problems.append(f"{path}: fold {fold} names {len(unknown)} unknown case id(s): {_listing(unknown)}")
+    overlap = set(train) & set(val)
+    if overlap:
+        problems.append(f"{path}: fold {fold} has cases in both 'train' and 'val': {_listing(overlap)}")
+    if not train:
+        problems.append(f"{path}: fold {fold} has an empty 'train' list")
+    return problems
+
+
+def splits_file_problems(dataset: DatasetInfo) -> list[str]:
+    """Every problem of the dataset's ``splits_final.json`` over all folds (empty: usable or absent).
+
+    ``medkd check-data`` reports these; :func:`get_split` refuses a fold with any of them.
+    """
+    path = dataset.root / SPLITS_FILE
+    if not path.exists():
+        return []
+    try:
+        splits = _load_splits(path)
+    except DatasetError as exc:
+        return [str(exc)]
+    known = {c.case_id for c in dataset.training}
+    return [msg for fold, entry in enumerate(splits) for msg in _fold_problems(path, fold, entry, known)]
+
+
+def _split_from_file(dataset: DatasetInfo, fold: int) -> tuple[list[str], list[str]]:
+    path = dataset.root / SPLITS_FILE
+    splits = _load_splits(path)
     if not 0 <= fold < len(splits):
         raise IndexError(f"{path}: fold {fold} out of range, the file defines folds 0..{len(splits) - 1}")
+    problems = _fold_problems(path, fold, splits[fold], {c.case_id for c in dataset.training})
+    if problems:
+        raise DatasetError("; ".join(problems))
     entry = splits[fold]
-    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), list) for k in ("train", "val")):
-        raise DatasetError(f"{path}: fold {fold} must be an object with lists 'train' and 'val'")
-    known = {c.case_id for c in dataset.training}
-    train, val = [str(c) for c in entry["train"]], [str(c) for c in entry["val"]]
-    unknown = sorted(set(train + val) - known)
-    if unknown:
-        shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-        raise DatasetError(f"{path}: fold {fold} names {len(unknown)} unknown case id(s): {shown}")
-    overlap = sorted(set(train) & set(val))
-    if overlap:
-        raise DatasetError(f"{path}: fold {fold} has cases in both 'train' and 'val': {', '.join(overlap[:10])}")
-    return sorted(train), sorted(val)
+    return sorted(str(c) for c in entry["train"]), sorted(str(c) for c in entry["val"])
 
 
 def group_cases(case_ids: Iterable[str], group_regex: str | None) -> dict[str, list[str]]:

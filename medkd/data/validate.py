@@ -12,19 +12,28 @@ Problem kinds (``Problem.kind``):
 - ``unknown-label``: label values not declared in dataset.json (or non-integer values)
 - ``nan-inf``: NaN or Inf voxels in an image
 - ``orphan-file``: a file in imagesTr/labelsTr/imagesTs/labelsTs that belongs to no case
+- ``bad-splits``: ``splits_final.json`` is invalid JSON or malformed, names unknown case ids or file
+  paths, puts a case in both 'train' and 'val' of a fold, or has a fold without training cases
+- ``no-foreground``: no training label holds any foreground class (nothing to learn: Dice 0)
+- ``constant-image``: every training image is constant (an error), or one image channel is (a warning)
+- ``absent-class`` (warning): a class declared in dataset.json appears in no training label
+
+``Problem.severity`` is ``"error"`` (the data cannot train: ``check-data`` exits 1, ``train`` refuses)
+or ``"warning"`` (suspicious: reported, training goes on).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medkd.data.dataset import Case, DatasetError, DatasetInfo, image_folder_cases, load_dataset
 from medkd.data.io import Geometry, ImageReadError, PathLike, read_image
+from medkd.data.splits import SPLITS_FILE, splits_file_problems
 
 
 @dataclass
@@ -35,11 +44,29 @@ class Problem:
     message: str
     case: str | None = None
     file: Path | None = None
+    severity: str = "error"  # or "warning"
 
     def __str__(self) -> str:
         parts = [f"case {self.case}" if self.case else "", f"file {self.file}" if self.file else ""]
         where = ", ".join(part for part in parts if part)
-        return f"[{self.kind}] {where}: {self.message}" if where else f"[{self.kind}] {self.message}"
+        tag = f"[{self.kind}]" if self.severity == "error" else f"warning [{self.kind}]"
+        return f"{tag} {where}: {self.message}" if where else f"{tag} {self.message}"
+
+
+def errors(problems: list[Problem]) -> list[Problem]:
+    """The problems that make the data unusable (``severity == "error"``)."""
+    return [p for p in problems if p.severity == "error"]
+
+
+@dataclass
+class _Summary:
+    """What the training cases hold, gathered while they are checked, for the dataset-wide checks."""
+
+    cases: int = 0
+    images_read: int = 0  # cases whose image files were all read
+    constant: int = 0  # ... of which every channel is constant
+    labels_read: int = 0
+    class_cases: dict[int, int] = field(default_factory=dict)  # class value -> labels holding it
 
 
 @dataclass
@@ -96,7 +123,31 @@ def _compare(item: _Loaded, ref: _Loaded, case: Case, what: str, problems: list[
         ))
 
 
-def _check_images(case: Case, info: DatasetInfo, problems: list[Problem]) -> _Loaded | None:
+def _constant_channels(item: _Loaded) -> list[tuple[int, float]]:
+    """(channel index within the file, value) of each channel of ``item`` whose voxels are all equal."""
+    flat = item.array.reshape(_channels_in(item), -1)
+    if not flat.size:
+        return []
+    lo, hi = flat.min(axis=1), flat.max(axis=1)
+    return [(c, float(lo[c])) for c in range(len(lo)) if lo[c] == hi[c]]
+
+
+def _check_constant(loaded: list[_Loaded], case: Case, problems: list[Problem]) -> bool:
+    """Warn about each constant channel; True when every channel of the case is constant."""
+    constant = total = 0
+    for item in loaded:
+        total += _channels_in(item)
+        for channel, value in _constant_channels(item):
+            constant += 1
+            where = f"channel {channel} of the image" if _channels_in(item) > 1 else "the image"
+            problems.append(Problem("constant-image", f"{where} is constant (every voxel is {value:g}): it carries "
+                                    "no information and normalisation makes it all zeros", case.case_id,
+                                    item.path, severity="warning"))
+    return total > 0 and constant == total
+
+
+def _check_images(case: Case, info: DatasetInfo, problems: list[Problem],
+                  summary: _Summary | None = None) -> _Loaded | None:
     """Read and check all image files of a case; return the reference (first readable) image."""
     loaded: list[_Loaded] = []
     for index, path in enumerate(case.image_files):
@@ -110,7 +161,11 @@ def _check_images(case: Case, info: DatasetInfo, problems: list[Problem]) -> _Lo
     ref = loaded[0]
     for item in loaded[1:]:
         _compare(item, ref, case, f"image {item.path.name}", problems)
+    all_constant = _check_constant(loaded, case, problems)
     if len(loaded) == len(case.image_files):
+        if summary is not None:
+            summary.images_read += 1
+            summary.constant += all_constant
         found = sum(_channels_in(item) for item in loaded)
         if found != info.num_channels:
             problems.append(Problem(
@@ -127,7 +182,8 @@ def _label_values(label: np.ndarray) -> np.ndarray:
     return np.unique(label)
 
 
-def _check_label(case: Case, info: DatasetInfo, ref: _Loaded | None, problems: list[Problem]) -> None:
+def _check_label(case: Case, info: DatasetInfo, ref: _Loaded | None, problems: list[Problem],
+                 summary: _Summary | None = None) -> None:
     if case.label_file is None:
         return
     item = _read(case.label_file, case, "label", problems)
@@ -144,6 +200,10 @@ def _check_label(case: Case, info: DatasetInfo, ref: _Loaded | None, problems: l
         problems.append(Problem("unknown-label", "label contains non-integer or non-finite values",
                                 case.case_id, item.path))
         return
+    if summary is not None:
+        summary.labels_read += 1
+        for value in values:
+            summary.class_cases[int(value)] = summary.class_cases.get(int(value), 0) + 1
     allowed = set(info.labels.values()) | ({info.ignore_label} if info.ignore_label is not None else set())
     unknown = sorted(int(v) for v in values if int(v) not in allowed)
     if unknown:
@@ -154,11 +214,38 @@ def _check_label(case: Case, info: DatasetInfo, ref: _Loaded | None, problems: l
         ))
 
 
-def check_case(case: Case, info: DatasetInfo) -> list[Problem]:
-    """All problems of one case (files, readability, shapes, geometry, labels, NaN/Inf)."""
+def check_case(case: Case, info: DatasetInfo, summary: _Summary | None = None) -> list[Problem]:
+    """All problems of one case (files, readability, shapes, geometry, labels, NaN/Inf, constant images).
+
+    ``summary`` (training cases) gathers what :func:`_dataset_problems` needs.
+    """
     problems: list[Problem] = []
-    ref = _check_images(case, info, problems)
-    _check_label(case, info, ref, problems)
+    if summary is not None:
+        summary.cases += 1
+    ref = _check_images(case, info, problems, summary)
+    _check_label(case, info, ref, problems, summary)
+    return problems
+
+
+def _dataset_problems(info: DatasetInfo, summary: _Summary) -> list[Problem]:
+    """Dataset-wide findings, made only when every training file in question could be read."""
+    problems: list[Problem] = []
+    n = summary.cases
+    where = ("labelsTr", "imagesTr") if info.format == "nnunet" else ("dataset.json", "dataset.json")
+    labels_at, images_at = info.root / where[0], info.root / where[1]
+    if n and summary.labels_read == n:
+        names = {value: name for name, value in info.labels.items()}
+        present = {v for v in summary.class_cases if v != 0 and v != info.ignore_label and v in names}
+        if not present:
+            problems.append(Problem("no-foreground", f"none of the {n} training labels holds a foreground class "
+                                    "(all background): there is nothing to learn", None, labels_at))
+        else:
+            problems.extend(Problem("absent-class", f"class {names[v]!r} ({v}) appears in none of the {n} training "
+                                    "labels: it cannot be learnt", None, labels_at, severity="warning")
+                            for v in sorted(names) if v != 0 and v not in present)
+    if n and summary.images_read == n and summary.constant == n:
+        problems.append(Problem("constant-image", f"all {n} training images are constant: there is nothing to "
+                                "learn from", None, images_at))
     return problems
 
 
@@ -226,8 +313,11 @@ def _iterate(cases: list[Case], progress: bool) -> Iterable[Case]:
 def check_dataset(root: PathLike, include_test: bool = True, progress: bool = False) -> list[Problem]:
     """Every problem in the dataset at ``root`` (empty list: dataset is clean).
 
-    A missing/malformed dataset.json gives a single ``bad-dataset-json`` problem. Otherwise each
-    training case (and test case when ``include_test``) is read completely and checked.
+    A missing/malformed dataset.json gives a single ``bad-dataset-json`` problem. Otherwise
+    ``splits_final.json`` (when present) is checked, each training case (and test case when
+    ``include_test``) is read completely and checked, then what the training cases hold together
+    (any foreground at all, every declared class, any non-constant image). Warnings are included:
+    filter with :func:`errors`.
     """
     root = Path(root)
     try:
@@ -243,9 +333,14 @@ def check_dataset(root: PathLike, include_test: bool = True, progress: bool = Fa
     if declared is not None and declared != len(info.training):
         problems.append(Problem("bad-dataset-json", f"key 'numTraining' is {declared} but "
                                 f"{len(info.training)} training case(s) were found", None, root / "dataset.json"))
+    problems.extend(Problem("bad-splits", message.removeprefix(f"{root / SPLITS_FILE}: "), None, root / SPLITS_FILE)
+                    for message in splits_file_problems(info))
+    summary = _Summary()
+    training = {case.case_id for case in info.training}
     cases = info.training + (info.test if include_test else [])
     for case in _iterate(cases, progress):
-        problems.extend(check_case(case, info))
+        problems.extend(check_case(case, info, summary if case.case_id in training else None))
+    problems.extend(_dataset_problems(info, summary))
     problems.extend(find_orphans(info, include_test))
     return problems
 

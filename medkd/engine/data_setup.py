@@ -11,7 +11,7 @@ from medkd.config import ConfigError, DataConfig
 from medkd.data.dataset import Case, DatasetInfo, image_folder_cases, load_dataset
 from medkd.data.preprocess import PreprocessedCase, PreprocessedStore, PreprocessingPlan, make_plan
 from medkd.data.splits import get_split, labeled_subset, subset_cases
-from medkd.data.validate import check_dataset, check_image_folder
+from medkd.data.validate import Problem, check_dataset, check_image_folder, errors
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,20 @@ def split_labels(cfg: DataConfig, train_ids: list[str]) -> tuple[list[str], list
     return labelled, [i for i in train_ids if i not in chosen]
 
 
+def _raise_errors(root: Path, problems: list[Problem]) -> None:
+    """Log each warning; raise :class:`DataCheckError` listing the errors, if any."""
+    for problem in problems:
+        if problem.severity != "error":
+            log.warning("dataset %s: %s", root, problem)
+    if errors(problems):
+        raise DataCheckError(root, errors(problems))
+
+
 def _unlabeled_cases(cfg: DataConfig, dataset: DatasetInfo, hidden_ids: list[str], check: bool) -> list[Case]:
     cases = [dataset.case(i) for i in hidden_ids]
     for folder in cfg.unlabeled:
         if check:
-            problems = check_image_folder(folder, dataset)
-            if problems:
-                raise DataCheckError(Path(folder), problems)
+            _raise_errors(Path(folder), check_image_folder(folder, dataset))
         cases += image_folder_cases(folder, dataset)
     return cases
 
@@ -114,9 +121,7 @@ def prepare_training_data(cfg: DataConfig, seed: int = 0, check: bool | None = N
     root = Path(cfg.dataset)
     check = cfg.check if check is None else check
     if check:
-        problems = check_dataset(root, include_test=False)
-        if problems:
-            raise DataCheckError(root, problems)
+        _raise_errors(root, check_dataset(root, include_test=False))
     dataset = load_dataset(root)
     train_ids, val_ids = split_case_ids(cfg, dataset, seed=seed)
     train_ids, hidden_ids = split_labels(cfg, train_ids)

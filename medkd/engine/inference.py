@@ -177,13 +177,17 @@ class Predictor:
 def read_case(image_files: Sequence[Path]) -> tuple[np.ndarray, Geometry]:
     """One case's channel files (``_0000``, ``_0001``...) as a float32 image (C, *spatial) and its geometry.
 
-    Every channel must have channel 0's shape and geometry.
+    Every channel must have channel 0's shape and geometry and only finite voxels (the error names the file:
+    a NaN voxel would otherwise spread through the normalisation and the network unnoticed).
     """
     arrays, geometry = [], None
     for path in image_files:
         array, geo = read_image(path)
         if geometry is not None and (array.shape != arrays[0].shape or not geo.matches(geometry)):
             raise ValueError(f"{path}: shape/geometry differs from channel 0 ({image_files[0]})")
+        bad = int(np.count_nonzero(~np.isfinite(array))) if np.issubdtype(array.dtype, np.floating) else 0
+        if bad:
+            raise ValueError(f"{path}: image holds {bad} NaN/Inf voxel(s); fix or remove the file")
         arrays.append(array)
         geometry = geometry or geo
     return np.stack(arrays).astype(np.float32), geometry
@@ -195,7 +199,8 @@ def segmentation(probabilities: np.ndarray) -> np.ndarray:
 
 
 def group_channel_files(folder: Path, num_channels: int) -> dict[str, list[Path]]:
-    """nnU-Net naming: ``CASE_0000.ext``, ``CASE_0001.ext``...; every case must have all channels."""
+    """nnU-Net naming: ``CASE_0000.ext``, ``CASE_0001.ext``...; every case must have exactly the model's channels
+    (an extra ``_0001`` for a 1-channel model means the wrong model or folder, and is refused, not ignored)."""
     cases: dict[str, dict[int, Path]] = {}
     for path in sorted(folder.iterdir()):
         try:
@@ -208,6 +213,11 @@ def group_channel_files(folder: Path, num_channels: int) -> dict[str, list[Path]
         cases.setdefault(stem[:-5], {})[int(stem[-4:])] = path
     grouped = {}
     for case_id, channels in cases.items():
+        extra = [channels[c] for c in sorted(channels) if c >= num_channels]
+        if extra:
+            raise ValueError(f"{extra[0]}: the model takes {num_channels} channel(s) (_0000"
+                             f"{f' to _{num_channels - 1:04d}' if num_channels > 1 else ''}) but case {case_id} "
+                             f"has channel file(s) {', '.join(p.name for p in extra)}; wrong model or input folder?")
         missing = [c for c in range(num_channels) if c not in channels]
         if missing:
             raise FileNotFoundError(f"case {case_id} in {folder}: missing channel file(s) "

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,7 +42,7 @@ from torch import nn
 
 from medkd.data.preprocess import PreprocessedCase, PreprocessingPlan, default_cache_root
 from medkd.losses.supervised import full_resolution_head
-from medkd.storage import atomic_write_numpy, atomic_write_text
+from medkd.storage import atomic_write_numpy, atomic_write_text, file_problem, file_record
 from medkd.teachers.combine import COMBINATION_RULES, target_logits
 from medkd.teachers.manifest import TeacherSet
 
@@ -132,14 +131,6 @@ def decode_top_k(values: np.ndarray, indices: np.ndarray, rest: np.ndarray, num_
     return full
 
 
-def _crc32(path: Path, chunk: int = 1 << 24) -> int:
-    value = 0
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            value = zlib.crc32(block, value)
-    return value
-
-
 @dataclass
 class CachedTarget:
     """One case's cached target, cropped on demand like the image (memory-mapped, read-only)."""
@@ -208,13 +199,9 @@ class TeacherOutputCache:
         if meta.get("source") != case.properties.get("source"):
             return "the preprocessed case changed"
         for name, path in self._files(case.case_id).items():
-            want = meta.get("files", {}).get(name)
-            if want is None or not path.is_file():
-                return f"{path.name} missing"
-            if path.stat().st_size != want["bytes"]:
-                return f"{path.name} has {path.stat().st_size} bytes, expected {want['bytes']} (truncated?)"
-            if _crc32(path) != want["crc32"]:
-                return f"{path.name} fails its CRC-32 check (corrupted)"
+            why = file_problem(path, meta.get("files", {}).get(name))
+            if why is not None:
+                return why
         return None
 
     def _write(self, case: PreprocessedCase, target: torch.Tensor) -> None:
@@ -225,7 +212,7 @@ class TeacherOutputCache:
             arrays = encode_top_k(target, min(self.spec.top_k, target.shape[0]), self.spec.temperature)
         for name, array in arrays.items():
             atomic_write_numpy(files[name], np.save, np.ascontiguousarray(array))
-        record = {name: {"bytes": files[name].stat().st_size, "crc32": _crc32(files[name])} for name in files}
+        record = {name: file_record(files[name]) for name in files}
         sidecar = {"format": CACHE_FORMAT, "case_id": case.case_id, "shape": list(target.shape),
                    "source": case.properties.get("source"), "files": record}
         atomic_write_text(self._sidecar(case.case_id), json.dumps(sidecar))  # last: marks the entry complete

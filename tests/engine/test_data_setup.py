@@ -35,3 +35,28 @@ def test_cases_errors_name_the_key_and_the_ids(phantoms_2d, tmp_path):
         _data_config(phantoms_2d, tmp_path, cases=["a", "a"])
     with pytest.raises(ConfigError, match=r"data\.cases"):
         _data_config(phantoms_2d, tmp_path, cases=[])
+
+
+def test_data_check_warnings_are_logged_errors_refuse(phantoms_2d, tmp_path, caplog):
+    import json
+    import logging
+    import shutil
+
+    import numpy as np
+
+    from medkd.data.io import read_image, write_image
+    from medkd.engine.data_setup import DataCheckError
+
+    root = tmp_path / "ds"
+    shutil.copytree(phantoms_2d, root)
+    first = sorted((root / "imagesTr").iterdir())[0]
+    image, geometry = read_image(first)
+    write_image(np.zeros_like(image), geometry, first)
+    with caplog.at_level(logging.WARNING, logger="medkd.engine.data_setup"):
+        data = prepare_training_data(_data_config(root, tmp_path / "c", check=True))
+    assert data.train and "constant-image" in caplog.text and first.name in caplog.text
+    ids = [c.case_id for c in load_dataset(root).training]
+    (root / "splits_final.json").write_text(json.dumps([{"train": ids[:3] + ["../x"], "val": ids[3:]}]))
+    with pytest.raises(DataCheckError, match=r"(?s)1 problem.*bad-splits.*file paths") as err:
+        prepare_training_data(_data_config(root, tmp_path / "c", check=True))
+    assert "constant-image" not in str(err.value)  # warnings are logged, not listed as problems

@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 
 from medkd.data.dataset import load_dataset
-from medkd.data.io import read_image, write_image
+from medkd.data.io import Geometry, read_image, write_image
 from medkd.data.preprocess import make_plan
 from medkd.engine.inference import Predictor, group_channel_files, predict_folder
 from medkd.models import create
@@ -71,3 +71,28 @@ def test_missing_channel_is_named(tmp_path):
     write_image(np.zeros((8, 8), np.uint8), geo, folder / "a_0000.png")
     with pytest.raises(FileNotFoundError, match="a_0001"):
         group_channel_files(folder, 2)
+
+
+def test_nan_image_is_named(phantoms_3d, tmp_path):
+    """Before: "image contains NaN or Inf voxels", naming no file."""
+    ckpt = _checkpoint(phantoms_3d, tmp_path / "m.pt", "3d", [16, 32, 32])
+    folder = tmp_path / "in"
+    for path in sorted((phantoms_3d / "imagesTs").iterdir()):
+        image, geometry = read_image(path)
+        write_image(image.astype(np.float32), geometry, folder / path.name)
+    bad = sorted(folder.iterdir())[1]
+    image, geometry = read_image(bad)
+    image[2, 3, 4] = np.nan
+    write_image(image, geometry, bad)
+    with pytest.raises(ValueError, match=f"{bad}: image holds 1 NaN/Inf voxel"):
+        predict_folder(Predictor(ckpt), folder, tmp_path / "out")
+
+
+def test_extra_channel_files_for_a_one_channel_model_are_refused(tmp_path):
+    """Before: a_0001.png was silently ignored by a 1-channel model."""
+    folder = tmp_path / "in"
+    geo = Geometry.default(2)
+    for name in ("a_0000.png", "a_0001.png", "b_0000.png"):
+        write_image(np.zeros((8, 8), np.uint8), geo, folder / name)
+    with pytest.raises(ValueError, match=r"a_0001.png: the model takes 1 channel\(s\) \(_0000\) but case a has"):
+        group_channel_files(folder, 1)
