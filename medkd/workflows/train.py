@@ -27,7 +27,12 @@ def parse_set(items: Iterable[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE (dotted key, YAML value), got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise ValueError(f"--set {item!r}: the value of {key.strip()} is not valid YAML ({problem}); quote "
+                             "it for a string, e.g. --set \"key='text'\"") from None
     return out
 
 
