@@ -1,7 +1,8 @@
 """The ``medkd`` command line (typer): a thin shell over :mod:`medkd.workflows` and the floors below.
 
-Every command turns expected failures (bad dataset, bad config, missing file, existing output) into
-one clear message on stderr and exit code 1; nothing is overwritten unless asked.
+Every command turns expected failures (bad dataset, bad config, missing or unwritable file, full disk,
+existing output) into one clear message on stderr and exit code 1 (:mod:`medkd.cli_errors`); nothing
+is overwritten unless asked.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 from rich.console import Console
 
+from medkd.cli_errors import guard_commands
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medkd: train teachers, distil small students, evaluate and compare them.")
 console = Console()
@@ -25,36 +28,11 @@ if not console.is_terminal:  # logs and pipes: do not squeeze tables into 80 col
     console.width = 160
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from medkd.config import ConfigError
-    from medkd.data.dataset import DatasetError
-    from medkd.data.io import ImageReadError
-    from medkd.storage import CheckpointError
-
-    return (ConfigError, DatasetError, ImageReadError, CheckpointError, FileExistsError, FileNotFoundError,
-            NotADirectoryError, ValueError, FloatingPointError)
-
-
-def cli_errors(func: Callable) -> Callable:
-    """Report expected errors as one message and exit 1 instead of a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except _expected_errors() as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
 @app.command("make-phantoms")
-@cli_errors
 def make_phantoms_cmd(
     out_dir: Annotated[Path, typer.Argument(help="folder to write the nnU-Net raw dataset into")],
     dims: Annotated[int, typer.Option(help="2 (png images) or 3 (NIfTI volumes)")] = 3,
@@ -73,7 +51,6 @@ def make_phantoms_cmd(
 
 
 @app.command("check-data")
-@cli_errors
 def check_data_cmd(
     dataset: Annotated[Path, typer.Argument(help="nnU-Net v2 raw or MSD dataset folder")],
     include_test: Annotated[bool, typer.Option("--test/--no-test", help="also check imagesTs/labelsTs")] = True,
@@ -116,7 +93,7 @@ def _train_options(
     precision: Annotated[Optional[str], typer.Option(help="auto, 32-true, 16-mixed, bf16-mixed")] = None,
     num_workers: Optional[int] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override any key: train.val_every=100")] = None,
-    run_dir: Annotated[Optional[Path], typer.Option(help="output folder (default runs/<time>_<model>_<preset>)")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="output folder (default runs/<time>-<random>_<model>_<preset>)")] = None,
     data_fraction: Annotated[Optional[float], typer.Option(help="train on a seeded subset of the training cases")] = None,
     labeled_cases: Annotated[Optional[int], typer.Option(help="few labels: keep the labels of N training cases "
                                                          "(whole data.group_regex groups); distill uses the "
@@ -176,15 +153,16 @@ def _command_with_training_options(func: Callable) -> Callable:
 
 
 @app.command("train")
-@cli_errors
 @_command_with_training_options
 def train_cmd(opts: dict[str, Any]) -> None:
-    """Train a segmentation network on labels (checks the dataset first)."""
+    """Train a segmentation network on labels (checks the dataset first).
+
+    SIGTERM or Ctrl-C writes last.pt after the current step and exits with 143 / 130; --resume continues.
+    """
     _run_training(opts)
 
 
 @app.command("distill")
-@cli_errors
 @_command_with_training_options
 def distill_cmd(
     teacher: Annotated[Path, typer.Option(help="teacher checkpoint, or a teacher set (teachers.json or its folder, "
@@ -210,7 +188,6 @@ def _comma_list(value: Optional[str]) -> list[str] | None:
 
 
 @app.command("train-teachers")
-@cli_errors
 @_command_with_training_options
 def train_teachers_cmd(
     kind: Annotated[Optional[str], typer.Option(help="uniform (seeds), diverse (models x losses grid), subset "
@@ -227,7 +204,7 @@ def train_teachers_cmd(
     aux_tap: Annotated[Optional[str], typer.Option(help="multitask: module to reconstruct from (see "
                                                    "`medkd inspect-model`) (default: the bottleneck)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="teacher-set folder: plan.json, members/, teachers.json "
-                                                "(default: runs/<time>_teachers_<kind>)")] = None,
+                                                "(default: runs/<time>-<random>_teachers_<kind>)")] = None,
     opts: dict[str, Any] = None,
 ) -> None:
     """Train a set of teachers (one run per member) and write their manifest OUT/teachers.json.
@@ -265,7 +242,6 @@ def recipes_cmd() -> None:
 
 
 @app.command("inspect-model")
-@cli_errors
 def inspect_model_cmd(
     name: Annotated[str, typer.Argument(help="registry name")],
     dims: Annotated[int, typer.Option(help="2 or 3")] = 2,
@@ -285,7 +261,6 @@ def inspect_model_cmd(
 
 
 @app.command("predict")
-@cli_errors
 def predict_cmd(
     checkpoint: Annotated[Path, typer.Option(help="best.pt / last.pt of a run, or a teacher set (teachers.json or "
                                                   "its folder), which predicts as one model")],
@@ -323,7 +298,6 @@ def predict_cmd(
 
 
 @app.command("postprocess")
-@cli_errors
 def postprocess_cmd(
     run_dir: Annotated[Path, typer.Option(help="a training run folder (config.yaml, best.pt)")],
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
@@ -346,7 +320,6 @@ def postprocess_cmd(
 
 
 @app.command("evaluate")
-@cli_errors
 def evaluate_cmd(
     pred_dir: Annotated[Path, typer.Argument(help="predicted segmentations")],
     label_dir: Annotated[Optional[Path], typer.Argument(help="reference labels (default: DATASET/labelsTs)")] = None,
@@ -379,7 +352,6 @@ def models_cmd(
 
 
 @app.command("demo")
-@cli_errors
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="parent folder of the demo run")] = Path("demo_runs"),
     teacher_steps: Annotated[int, typer.Option(help="optimiser steps of the teacher")] = 800,
@@ -390,6 +362,9 @@ def demo_cmd(
 
     _setup_logging(False)
     run_demo(out, teacher_steps=teacher_steps, student_steps=student_steps, console=console)
+
+
+guard_commands(app, err_console)  # every command: one line and an exit code on an expected error
 
 
 def main() -> None:  # pragma: no cover

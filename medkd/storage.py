@@ -16,20 +16,29 @@ with ``torch.load(..., weights_only=True)``: no pickled code is ever executed. K
 
 ``postprocessing.json`` beside ``best.pt`` (:mod:`medkd.engine.postprocess`) records the
 post-processing decided for that checkpoint (its file name and ``step``).
+
+Every write goes to a temporary ``.tmp_<name>.<8 random characters>`` beside its target and is renamed
+over it, so a reader never sees half a file. A process killed between the two leaves that temporary
+file behind; :func:`remove_temp_files` removes them (the trainer does so when a run starts or
+resumes). A failed write raises :class:`OSError` naming the target file, its temporary file removed.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 
 CHECKPOINT_FORMAT = "medkd-checkpoint-v1"
+TEMP_PREFIX = ".tmp_"
+#: ``tempfile.mkstemp(prefix=".tmp_<name>.")`` names: the prefix, then 8 characters of [a-z0-9_]
+_TEMP_NAME = re.compile(r"^\.tmp_.+\.[a-z0-9_]{8}$")
 
 
 class CheckpointError(RuntimeError):
@@ -37,9 +46,36 @@ class CheckpointError(RuntimeError):
 
 
 def _temp_path_beside(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".tmp_{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
     os.close(fd)
     return Path(name)
+
+
+def is_temp_file(path: str | Path) -> bool:
+    """Whether ``path`` is named like one of this module's temporary files (``.tmp_<name>.<8 chars>``)."""
+    return bool(_TEMP_NAME.match(Path(path).name))
+
+
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files an interrupted atomic write left directly in ``folder``; return them.
+
+    Only names of :func:`is_temp_file`'s pattern are touched; the caller must own ``folder`` (no other
+    process may be writing there, or its write in progress would be removed).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = [p for p in sorted(folder.iterdir()) if is_temp_file(p) and p.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` as an OSError that names ``path`` (a write through a file object names no file)."""
+    if err.filename is not None:
+        return err
+    return OSError(err.errno, err.strerror or str(err), str(path))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -52,6 +88,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        named = _naming(err, path)
+        if named is err:
+            raise
+        raise named from err
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -98,20 +139,54 @@ def file_problem(path: str | Path, record: dict[str, Any] | None, *, check_crc: 
     return None
 
 
+class _RecordingWriter(io.RawIOBase):
+    """A write-only stream over ``handle`` that keeps the OSError of a failed write.
+
+    ``torch.save`` turns a failed write (a full disk) into ``RuntimeError: [enforce fail at
+    inline_container.cc...]`` that names neither file nor cause; the recorded error has both.
+    """
+
+    def __init__(self, handle: BinaryIO):
+        super().__init__()
+        self.handle, self.error = handle, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` with ``torch.save`` to a temporary file, fsync, then rename over ``path``.
 
-    A run killed mid-write leaves the previous checkpoint intact.
+    A run killed mid-write leaves the previous checkpoint intact. A failed write (full disk,
+    read-only folder) raises :class:`OSError` naming ``path``; the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path_beside(path)
     try:
         with open(tmp, "wb") as handle:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, handle)
+            writer = _RecordingWriter(handle)
+            try:
+                torch.save({"format": CHECKPOINT_FORMAT, **state}, writer)
+            except RuntimeError as err:
+                if writer.error is None:  # not a failed write
+                    raise
+                raise _naming(writer.error, path) from err
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        named = _naming(err, path)
+        if named is err:
+            raise
+        raise named from err
     finally:
         tmp.unlink(missing_ok=True)
 

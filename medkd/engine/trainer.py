@@ -11,19 +11,24 @@ first. The learning rate follows the poly schedule ``lr = lr0 * (1 - progress)^0
 
 Run folder: ``config.yaml`` (resolved config), ``last.pt`` / ``best.pt`` (atomic), ``train_log.csv``,
 ``val_log.csv``, ``tensorboard/``, ``postprocessing.json`` (decided for ``best.pt`` on the validation
-cases, see :mod:`medkd.engine.postprocess`), ``result.json``. ``resume=True`` continues from ``last.pt``: weights,
+cases, see :mod:`medkd.engine.postprocess`), ``result.json``, ``.medkd.lock`` (the claim, see
+:mod:`medkd.engine.run_dir`). ``resume=True`` continues from ``last.pt``: weights,
 optimiser, step, elapsed time, best score and RNG state, and the data stream continues at the same
 sample (see :mod:`medkd.data.loaders`), so an interrupted run ends with the same weights as an
-uninterrupted one (step budgets; a time budget depends on the clock).
+uninterrupted one (step budgets; a time budget depends on the clock); log rows after ``last.pt``'s
+step are dropped, as the resumed run writes them again.
+
+The folder is claimed only once the config, data and model are known to work; a run that fails
+before its first checkpoint removes what it wrote there. SIGTERM/SIGINT during training write
+``last.pt`` and raise :class:`~medkd.engine.preemption.TrainingInterrupted`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
-import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +39,12 @@ import torch
 from lightning_fabric import Fabric
 from torch import nn
 
-from medkd.config import RunConfig, save_config
+from medkd.config import ConfigError, RunConfig, save_config
 from medkd.data.loaders import PatchDataset, make_train_loader
 from medkd.engine.data_setup import TrainingData, prepare_training_data
+from medkd.engine.preemption import IgnoreStopSignals, StopSignals, TrainingInterrupted
+from medkd.engine.run_dir import CSVLog, RunClaim, check_run_dir, claim_run_dir, trim_log
+from medkd.engine.run_dir import RunDirError  # noqa: F401  (re-exported: callers catch it from here)
 from medkd.engine.tasks import SupervisedTask
 from medkd.engine.validation import decide_run_postprocessing, validate
 from medkd.losses import build_supervised_loss
@@ -46,10 +54,6 @@ from medkd.storage import atomic_write_text, load_checkpoint, save_checkpoint
 log = logging.getLogger(__name__)
 
 TaskFactory = Callable[[nn.Module, TrainingData, RunConfig], nn.Module]
-
-
-class RunDirError(FileExistsError):
-    """A run folder would be overwritten, or a resume has nothing to resume from."""
 
 
 @dataclass
@@ -63,15 +67,8 @@ class TrainResult:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """Never overwrite an earlier run: a non-empty folder needs ``resume``; resume needs ``last.pt``."""
-    if resume:
-        if not (run_dir / "last.pt").is_file():
-            raise RunDirError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunDirError(f"run folder {run_dir} already holds a run; pass --resume to continue it "
-                          "or choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Refuse early a run that could not claim ``run_dir`` (see :func:`medkd.engine.run_dir.check_run_dir`)."""
+    check_run_dir(Path(run_dir), resume)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -87,27 +84,6 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-class CSVLog:
-    """Append-only CSV (the header is fixed by the first row); survives resume."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fields: list[str] | None = None
-        if path.is_file():
-            with open(path, newline="") as handle:
-                self.fields = next(csv.reader(handle), None)
-
-    def write(self, row: dict[str, Any]) -> None:
-        new = self.fields is None
-        if new:
-            self.fields = list(row)
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
 
 
 def default_task(network: nn.Module, data: TrainingData, config: RunConfig) -> nn.Module:
@@ -134,30 +110,53 @@ class Trainer:
     # ---------------------------------------------------------------- setup
 
     def _setup(self) -> None:
+        """Check and prepare everything (run folder free, data, model, task), then claim the run folder.
+
+        Every check that can fail comes before the claim, so a bad config or dataset leaves the run
+        folder as it was.
+        """
         cfg, fabric = self.config, self.fabric
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         distilling = cfg.distill is not None  # only distillation learns from unlabelled images
         if fabric.is_global_zero:
-            prepare_run_dir(self.run_dir, self.resume)
-            if not self.resume:
-                save_config(cfg, self.run_dir / "config.yaml")
+            check_run_dir(self.run_dir, self.resume)
             self.data = prepare_training_data(cfg.data, seed=cfg.train.seed, with_unlabeled=distilling)
         fabric.barrier()
         if not fabric.is_global_zero:  # the cache is filled now: this only reads it
             self.data = prepare_training_data(cfg.data, seed=cfg.train.seed, check=False, with_unlabeled=distilling)
         fabric.seed_everything(cfg.train.seed, verbose=False)
-        network = create(cfg.model.name, cfg.data.spatial_dims, self.data.dataset.num_channels,
-                         self.data.dataset.num_classes, preset=cfg.model.preset, shrink=cfg.model.shrink,
-                         deep_supervision=cfg.model.deep_supervision, **cfg.model.kwargs)
-        task = self.task_factory(network, self.data, cfg)
+        task = self.task_factory(self._network(), self.data, cfg)
         params = [p for p in task.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, cfg.train)
         self.state = {"step": 0, "elapsed_s": 0.0, "best_metric": -math.inf, "best_step": 0, "last_val": []}
         if self.resume:
             self._restore(task, optimizer)
+        if fabric.is_global_zero:
+            self._claim()
         self.task, self.optimizer = fabric.setup(task, optimizer)
         self.raw_task = task
+
+    def _network(self) -> nn.Module:
+        cfg = self.config
+        try:
+            return create(cfg.model.name, cfg.data.spatial_dims, self.data.dataset.num_channels,
+                          self.data.dataset.num_classes, preset=cfg.model.preset, shrink=cfg.model.shrink,
+                          deep_supervision=cfg.model.deep_supervision, **cfg.model.kwargs)
+        except TypeError as err:  # an unknown or mistyped model.kwargs entry
+            raise ConfigError(f"model.kwargs {cfg.model.kwargs} do not fit model {cfg.model.name!r}: {err}") from None
+
+    def _claim(self) -> None:
+        """Claim the run folder (rank 0); a fresh run writes its config, a resumed one trims its logs."""
+        self.claim = claim_run_dir(self.run_dir, self.resume)
+        if self.resume:
+            for name in ("train_log.csv", "val_log.csv"):
+                dropped = trim_log(self.run_dir / name, self.state["step"])
+                if dropped:
+                    log.info("%s: dropped %d row(s) after step %d (repeated by the resume)", name, dropped,
+                             self.state["step"])
+        else:
+            save_config(self.config, self.run_dir / "config.yaml")
 
     def _restore(self, task: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         ckpt = load_checkpoint(self.run_dir / "last.pt")
@@ -188,6 +187,8 @@ class Trainer:
             **self.extra_checkpoint,
         }
         save_checkpoint(state, self.run_dir / name)
+        if name == "last.pt":
+            self.checkpointed = True
 
     def _validate(self, step: int) -> None:
         cfg = self.config
@@ -209,6 +210,8 @@ class Trainer:
         metric = float(self.fabric.broadcast(metric))
         if metric > self.state["best_metric"]:
             self.state["best_metric"], self.state["best_step"] = metric, step
+            if not self.checkpointed:  # first: a run with a best.pt can always be resumed
+                self._checkpoint("last.pt")
             self._checkpoint("best.pt")
 
     # ---------------------------------------------------------------- loop
@@ -227,8 +230,34 @@ class Trainer:
         return done
 
     def fit(self) -> TrainResult:
+        """Set up, claim the run folder, train to the budget and finish (see the module doc).
+
+        A failure before the first ``last.pt`` removes what this run wrote in its folder; SIGTERM or
+        SIGINT while training writes ``last.pt`` and raises :class:`TrainingInterrupted`.
+        """
         self.fabric.launch()
-        self._setup()
+        self.claim: RunClaim | None = None
+        self.checkpointed = self.resume  # whether run_dir holds a last.pt to resume from
+        self.stops = StopSignals()
+        try:
+            with self.stops:
+                self._setup()
+                return self._finish(self._loop())
+        except TrainingInterrupted as err:
+            if err.checkpoint is None and self.checkpointed and self.fabric.is_global_zero:
+                raise TrainingInterrupted(err.signum, None, self.run_dir / "last.pt") from None
+            raise
+        except BaseException:
+            if self.claim is not None and not self.checkpointed:
+                removed = self.claim.discard()
+                log.info("run failed before its first checkpoint: removed %s from %s", removed, self.run_dir)
+            raise
+        finally:
+            if self.claim is not None:
+                self.claim.release()
+
+    def _loop(self) -> int:
+        """Train from the current step until the budget ends; return the last step."""
         cfg, fabric = self.config, self.fabric
         tcfg = cfg.train
         self.train_log = CSVLog(self.run_dir / "train_log.csv")
@@ -245,11 +274,13 @@ class Trainer:
         loader = make_train_loader(dataset, cfg.data.batch_size, start_step=self.state["step"],
                                    rank=fabric.global_rank, world_size=fabric.world_size,
                                    num_workers=cfg.data.num_workers)
+        loader.worker_init_fn = IgnoreStopSignals(loader.worker_init_fn)  # the main process stops them
         batches = iter(loader)
         total_steps = tcfg.step_budget()
         step, started = self.state["step"], time.monotonic() - self.state["elapsed_s"]
         bar = self._progress_bar(total_steps, step)
         self.task.train()
+        self.stops.deferred = True
         try:
             while not self._should_stop(time.monotonic() - started, step, total_steps):
                 lr = tcfg.lr * (1.0 - self._progress(time.monotonic() - started, step, total_steps)) ** tcfg.poly_exponent
@@ -268,12 +299,27 @@ class Trainer:
                 step += 1
                 self.state["step"], self.state["elapsed_s"] = step, time.monotonic() - started
                 self._after_step(step, lr, terms, bar)
+                self._stop_if_signalled(step)
         finally:
+            self.stops.deferred = False
             if bar is not None:
                 bar.close()
             if self.tb:
                 self.tb.flush()
-        return self._finish(step)
+        return step
+
+    def _stop_if_signalled(self, step: int) -> None:
+        """After a step: on a pending SIGTERM/SIGINT (on any rank), write ``last.pt`` and stop."""
+        signum = self.stops.signum or 0
+        if self.fabric.world_size > 1:  # every rank stops at the same step
+            pending = self.fabric.all_reduce(torch.tensor(float(signum > 0), device=self.fabric.device),
+                                             reduce_op="sum")
+            signum = signum or (int(signal.SIGTERM) if float(pending) > 0 else 0)
+        if not signum:
+            return
+        if step % self.config.train.checkpoint_every != 0:  # else _after_step has just written it
+            self._checkpoint("last.pt")
+        raise TrainingInterrupted(signum, step, self.run_dir / "last.pt")
 
     def _after_step(self, step: int, lr: float, terms: dict[str, torch.Tensor], bar) -> None:
         tcfg, fabric = self.config.train, self.fabric

@@ -9,6 +9,7 @@ its run folder, :func:`resume_run` continues a run from its folder's ``last.pt``
 from __future__ import annotations
 
 import datetime
+import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,23 @@ def parse_set(items: Iterable[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE (dotted key, YAML value), got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise ValueError(f"--set {item!r}: the value of {key.strip()} is not valid YAML ({problem}); quote "
+                             "it for a string, e.g. --set \"key='text'\"") from None
     return out
 
 
 def default_run_dir(model: str, preset: str) -> Path:
-    """``runs/<time>_<model>_<preset>``, the run folder when none is given."""
+    """``runs/<time>-<6 random hex digits>_<model>_<preset>``, the run folder when none is given.
+
+    The random part keeps apart jobs started in the same second (claiming the folder, see
+    :mod:`medkd.engine.run_dir`, would refuse the second rather than let it overwrite the first).
+    """
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}_{model}_{preset}"
+    return Path("runs") / f"{stamp}-{secrets.token_hex(3)}_{model}_{preset}"
 
 
 def config_overrides(options: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -347,9 +346,7 @@ def _train_member(plan: TeacherPlan, member: MemberPlan, run_dir: Path, main: bo
         log.info("teacher %s: resuming from %s", member.name, run_dir / "last.pt")
         train(None, run_dir, resume=True, **kwargs)
         return
-    if main and run_dir.exists() and any(run_dir.iterdir()):  # stopped before its first checkpoint: nothing kept
-        log.warning("teacher %s stopped before its first checkpoint; starting it again", member.name)
-        shutil.rmtree(run_dir)
+    # a member stopped before its first checkpoint: the trainer replaces its leftovers (or refuses if in use)
     log.info("teacher %s: training in %s", member.name, run_dir)
     train(plan.member_config(member), run_dir, **kwargs)
 
@@ -416,7 +413,7 @@ def run_teacher_set(out: str | Path | None, kind: str | None = None, config: str
     ``config`` (YAML) and dotted-key ``overrides`` give the base config shared by every member;
     ``plan_options`` go to :func:`make_plan` (``kind`` default ``uniform``). With ``resume`` and nothing
     else given, the stored plan is used; otherwise the new plan must match it. ``out`` defaults to
-    ``runs/<time>_teachers_<kind>`` (required with ``resume``).
+    ``runs/<time>-<random>_teachers_<kind>`` (required with ``resume``).
     """
     plan = None
     if not resume or overrides or config or kind or any(v is not None for v in plan_options.values()):

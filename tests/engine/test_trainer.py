@@ -44,7 +44,8 @@ def test_resume_after_interruption_gives_same_weights(phantoms_2d, tmp_path, tin
     assert resumed["step"] == full["step"] == 6
     for key, value in full["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
-    assert _losses(tmp_path / "full") == pytest.approx(_losses(tmp_path / "cut")[:3] + _losses(tmp_path / "cut")[4:])
+    # the row of step 4 (after the checkpoint) is written once: dropped on resume, then written again
+    assert _losses(tmp_path / "full") == pytest.approx(_losses(tmp_path / "cut"))
 
 
 def test_never_overwrites_a_run(phantoms_2d, tmp_path, tiny_config):
