@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 
 from medkd.config import build_config
 from medkd.data.dataset import load_dataset
-from medkd.data.io import read_image
 from medkd.engine.inference import Predictor, group_channel_files, predict_folder
 from medkd.engine.trainer import train
 from medkd.evaluation import evaluate_folder
+from medkd.evaluation.latency import pipeline_latency_ms
 from medkd.evaluation.report import comparison_table, write_csv, write_json
 from medkd.models import count_macs, count_parameters, measure_latency
 
@@ -49,16 +46,6 @@ def run_config(dataset: Path, preset: str, minutes: float, cache: Path, seed: in
     if not augment:
         tree["data"]["augment"] = {"enabled": False}
     return tree
-
-
-def pipeline_ms_per_slice(predictor: Predictor, cases: list[list[Path]]) -> float:
-    per_slice = []
-    for files in cases:
-        image, geometry = read_image(files[0])
-        start = time.perf_counter()
-        predictor.predict_arrays(image[None].astype(np.float32), geometry)
-        per_slice.append((time.perf_counter() - start) * 1000 / (image.shape[0] if image.ndim == 3 else 1))
-    return statistics.median(per_slice)
 
 
 def test_scores(name: str, predictor, dataset_root: Path, out: Path, reuse_after: Path | None = None) -> dict:
@@ -105,7 +92,7 @@ def evaluate(name: str, checkpoint: Path, dataset_root: Path, out: Path) -> dict
         "params": count_parameters(predictor.model),
         "gmacs_slice": count_macs(predictor.model, slice_shape) / 1e9,
         "net_ms_slice": measure_latency(predictor.model, slice_shape, repeats=20)["median_ms"],
-        "pipeline_ms_slice": pipeline_ms_per_slice(predictor, cases),
+        "pipeline_ms_slice": pipeline_latency_ms(predictor, cases, per_slice=True),
     })
     return row
 

@@ -30,7 +30,8 @@ from medkd.config import build_config
 from medkd.engine.ensemble import load_predictor
 from medkd.evaluation.report import comparison_table, write_json
 from medkd.teachers.manifest import load_manifest
-from medkd.workflows.train_teachers import make_plan, train_teacher_set
+from medkd.workflows.teacher_plan import make_plan
+from medkd.workflows.train_teachers import train_teacher_set
 
 from acdc_2d_distill import student_config, train_once
 from acdc_2d_supervised import DEFAULT_DATA, run_config, test_scores

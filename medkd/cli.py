@@ -251,7 +251,7 @@ def inspect_model_cmd(
     input_size: Annotated[Optional[int], typer.Option(help="edge of the dummy input")] = None,
 ) -> None:
     """List tappable modules with output shapes, and the encoder/decoder stages found automatically."""
-    from medkd.models.taps import format_tappable, inspect_model
+    from medkd.models.inspection import format_tappable, inspect_model
 
     rows, stages = inspect_model(name, spatial_dims=dims, in_channels=in_channels, out_channels=out_channels,
                                  preset=preset, input_size=input_size)

@@ -27,7 +27,7 @@ from medkd.losses import DeepSupervisionLoss, build_supervised_loss
 from medkd.losses.balance import TermBalancer
 from medkd.losses.supervised import full_resolution_head
 from medkd.losses.distill_registry import DISTILL_LOSSES
-from medkd.models.taps import FeatureTaps, discover_stages, list_tappable
+from medkd.models import FeatureTaps, discover_stages, list_tappable
 from medkd.recipes import DistillTerm, Recipe
 from medkd.teachers.cache import TargetSpec, TeacherOutputCache
 from medkd.teachers.combine import dice_member_weights, normalised_member_weights, target_logits, voxel_uncertainty

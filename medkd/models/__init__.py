@@ -24,16 +24,12 @@ __all__ = [
     "scale_channels",
 ]
 
-# feature taps (forward hooks by module name) and automatic encoder/decoder stage discovery
-from medkd.models.taps import (  # noqa: E402
-    FeatureTaps,
-    TapNotFoundError,
-    discover_stages,
-    format_tappable,
-    inspect_model,
-    list_tappable,
-    stage_channels,
-)
+# feature taps (forward hooks by module name), tracing of the tappable modules, automatic
+# encoder/decoder stage discovery, and the inspect-model table
+from medkd.models.inspection import format_tappable, inspect_model  # noqa: E402
+from medkd.models.stages import discover_stages, stage_channels  # noqa: E402
+from medkd.models.taps import FeatureTaps, TapNotFoundError  # noqa: E402
+from medkd.models.tracing import list_tappable  # noqa: E402
 
 __all__ += [
     "FeatureTaps",

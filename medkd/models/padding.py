@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkd.models.taps import list_tappable
+from medkd.models.tracing import list_tappable
 
 __all__ = ["forward_padded", "largest_stride", "pad_amounts"]
 

@@ -32,7 +32,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from medkd.engine.tasks import SupervisedTask
-from medkd.models.taps import FeatureTaps, TapNotFoundError, discover_stages, list_tappable
+from medkd.models import FeatureTaps, TapNotFoundError, discover_stages, list_tappable
 
 __all__ = ["DEFAULT_AUX_WEIGHT", "MultiTaskTask", "ReconstructionHead", "check_tap", "multitask_task_factory"]
 

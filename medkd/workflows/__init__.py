@@ -4,7 +4,8 @@ Each ``medkd`` command is a thin typer shell over one of these (or over a lower-
 
 * :mod:`medkd.workflows.train`          - resolve a run config (``--config`` + flags + ``--set``), run or resume it;
 * :mod:`medkd.workflows.distill`        - the distill config: teacher's data settings, recipe, ``distill`` section;
-* :mod:`medkd.workflows.train_teachers` - plan and train a teacher set (``medkd train-teachers``);
+* :mod:`medkd.workflows.teacher_plan`   - plan a teacher set: its members by kind, ``plan.json``;
+* :mod:`medkd.workflows.train_teachers` - train a teacher set member by member (``medkd train-teachers``);
 * :mod:`medkd.workflows.predict`        - segment a folder with a checkpoint or a teacher set (``medkd predict``);
 * :mod:`medkd.workflows.evaluate`       - evaluate predictions against labels (``medkd evaluate``);
 * :mod:`medkd.workflows.catalog`        - tables of the shipped recipes and registry models (``medkd recipes/models``);

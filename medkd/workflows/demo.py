@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from medkd.data.dataset import load_dataset
 from medkd.engine.inference import Predictor, group_channel_files, predict_folder
 from medkd.engine.trainer import train
 from medkd.evaluation import evaluate_folder
+from medkd.evaluation.latency import pipeline_latency_ms
 from medkd.evaluation.report import comparison_table, write_csv, write_json
 from medkd.evaluation.stats import case_mean_dice, paired_comparison
 from medkd.models import count_parameters
@@ -64,20 +64,6 @@ def _train_config(dataset: Path, model: dict[str, Any], steps: int, cache: Path)
     }
 
 
-def _latency_ms(predictor: Predictor, image_files: list[list[Path]]) -> float:
-    """Median wall-clock per case (read excluded): preprocessing, network, mapping back."""
-    from medkd.data.io import read_image
-
-    times = []
-    for files in image_files:
-        arrays = [read_image(p) for p in files]
-        image, geometry = np.stack([a for a, _ in arrays]).astype(np.float32), arrays[0][1]
-        start = time.perf_counter()
-        predictor.predict_arrays(image, geometry)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def _evaluate_model(name: str, checkpoint: Path, dataset_root: Path, out: Path) -> dict[str, Any]:
     dataset = load_dataset(dataset_root)
     predictor = Predictor(checkpoint)
@@ -88,7 +74,7 @@ def _evaluate_model(name: str, checkpoint: Path, dataset_root: Path, out: Path) 
     summary = result.summary()
     files = list(group_channel_files(dataset_root / "imagesTs", predictor.num_channels).values())
     row = {"model": name, "params": count_parameters(predictor.model),
-           "latency_ms": _latency_ms(predictor, files),
+           "latency_ms": pipeline_latency_ms(predictor, files),
            "mean_dice": summary["mean_foreground"]["dice_mean"], "hd95": summary["mean_foreground"]["hd95_mean"]}
     for cls in dataset.class_names[1:]:
         row[f"dice_{cls}"] = summary[cls]["dice_mean"]

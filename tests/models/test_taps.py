@@ -12,15 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from medkd.models import create
-from medkd.models.taps import (
-    FeatureTaps,
-    TapNotFoundError,
-    discover_stages,
-    format_tappable,
-    inspect_model,
-    list_tappable,
-    stage_channels,
-)
+from medkd.models.inspection import format_tappable, inspect_model
+from medkd.models.stages import discover_stages, stage_channels
+from medkd.models.taps import FeatureTaps, TapNotFoundError
+from medkd.models.tracing import list_tappable
 
 MODELS = ["attentionunet", "basicunet", "dynunet", "segresnet", "unet"]
 SIZE = {2: 64, 3: 32}

@@ -10,7 +10,8 @@ from medkd.cli import app
 from medkd.config import build_config
 from medkd.storage import load_checkpoint
 from medkd.teachers.manifest import load_manifest
-from medkd.workflows.train_teachers import make_plan, train_teacher_set
+from medkd.workflows.teacher_plan import make_plan
+from medkd.workflows.train_teachers import train_teacher_set
 
 
 @pytest.fixture(scope="module")

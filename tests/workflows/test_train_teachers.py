@@ -10,7 +10,7 @@ import medkd.workflows.train_teachers as tt
 from medkd.config import build_config
 from medkd.engine.trainer import RunDirError
 from medkd.teachers.manifest import load_manifest, open_teachers
-from medkd.workflows.train_teachers import (
+from medkd.workflows.teacher_plan import (
     TeacherPlan,
     TeacherPlanError,
     fold_training_cases,
@@ -18,8 +18,8 @@ from medkd.workflows.train_teachers import (
     partition_cases,
     plan_differences,
     plan_members,
-    train_teacher_set,
 )
+from medkd.workflows.train_teachers import train_teacher_set
 
 IDS = [f"case_{i:03d}" for i in range(11)]
 
