@@ -273,7 +273,21 @@ def write_image(array: np.ndarray, geometry: Geometry, path: PathLike) -> None:
     tmp = path.with_name(f".tmp_{path.name}")
     try:
         sitk.WriteImage(image, str(tmp), useCompression=ending == ".nii.gz")
+        _check_written(tmp, image, path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _check_written(tmp: Path, image: sitk.Image, path: Path) -> None:
+    """Read ``tmp`` back: SimpleITK's writers ignore failed writes (a full disk leaves an empty or
+    truncated file and no error), so a file that does not read back as ``image``'s size raises."""
+    try:
+        written = sitk.ReadImage(str(tmp))
+        complete = written.GetSize() == image.GetSize()
+    except RuntimeError:
+        complete = False
+    if not complete:
+        raise OSError(f"{path}: the image writer left an incomplete file (disk full?)")
+

@@ -177,3 +177,17 @@ def test_nan_in_nibabel_written_4d_nifti(tmp_path):
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "n.nii")
     array, _ = read_image(tmp_path / "n.nii")
     assert array.shape == (2, 2, 3, 4) and np.isnan(array[1, 1, 0, 3]) and np.isnan(array).sum() == 1
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".png"])
+def test_a_write_that_silently_fails_raises_and_leaves_nothing(tmp_path, monkeypatch, ending):
+    """SimpleITK ignores a failed write (a full disk leaves a 0-byte file): the write must not pass."""
+    import medkd.data.io as io_module
+
+    monkeypatch.setattr(io_module.sitk, "WriteImage", lambda image, name, useCompression=False: open(name, "wb").close())
+    target = tmp_path / f"seg{ending}"
+    array = np.zeros((4, 5), np.uint8) if ending == ".png" else np.zeros((3, 4, 5), np.uint8)
+    geometry = io_module.Geometry((1.0,) * array.ndim, (0.0,) * array.ndim, tuple(np.eye(array.ndim).ravel()))
+    with pytest.raises(OSError, match=f"seg{ending}.*incomplete file"):
+        io_module.write_image(array, geometry, target)
+    assert list(tmp_path.iterdir()) == []
