@@ -16,6 +16,9 @@ with ``torch.load(..., weights_only=True)``: no pickled code is ever executed. K
 
 ``postprocessing.json`` beside ``best.pt`` (:mod:`medkd.engine.postprocess`) records the
 post-processing decided for that checkpoint (its file name and ``step``).
+
+PyTorch is imported only by the two checkpoint functions: the atomic writers and checksums also
+serve the torch-free bundle predictor (:mod:`medkd.deploy.runtime`).
 """
 
 from __future__ import annotations
@@ -26,8 +29,6 @@ import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Callable
-
-import torch
 
 CHECKPOINT_FORMAT = "medkd-checkpoint-v1"
 
@@ -103,6 +104,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
     A run killed mid-write leaves the previous checkpoint intact.
     """
+    import torch  # lazily: the rest of this module serves torch-free code too
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path_beside(path)
@@ -118,6 +121,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a medkd checkpoint on the CPU with ``weights_only=True``."""
+    import torch  # lazily, as in save_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
