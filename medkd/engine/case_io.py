@@ -18,7 +18,7 @@ import numpy as np
 from medkd.data.io import Geometry, file_ending, read_image, uncertainty_file, write_image
 from medkd.storage import atomic_write_numpy
 
-__all__ = ["group_channel_files", "predict_folder", "read_case", "save_probabilities", "segmentation"]
+__all__ = ["check_image", "group_channel_files", "predict_folder", "read_case", "save_probabilities", "segmentation"]
 
 
 def read_case(image_files: Sequence[Path]) -> tuple[np.ndarray, Geometry]:
@@ -38,6 +38,20 @@ def read_case(image_files: Sequence[Path]) -> tuple[np.ndarray, Geometry]:
         arrays.append(array)
         geometry = geometry or geo
     return np.stack(arrays).astype(np.float32), geometry
+
+
+def check_image(image: np.ndarray, num_channels: int, mode: str) -> None:
+    """Raise a ``ValueError`` unless ``image`` (C, *spatial) suits a model of ``num_channels`` inputs trained
+    in ``mode``: ``"3d"`` takes volumes (z, y, x), ``"2d"`` volumes or native 2D images (y, x); voxels finite."""
+    axes = (3,) if mode == "3d" else (2, 3)
+    if image.ndim - 1 not in axes:
+        raise ValueError(f"a {mode} model takes {' or '.join(f'{a}D' for a in axes)} images; this case is "
+                         f"{image.ndim - 1}D {tuple(image.shape[1:])}"
+                         + (" (a 4D or multi-component channel file?)" if image.ndim > 4 else ""))
+    if image.shape[0] != num_channels:
+        raise ValueError(f"model expects {num_channels} channel(s), image has {image.shape[0]}")
+    if not np.isfinite(image).all():
+        raise ValueError("image contains NaN or Inf voxels")
 
 
 def segmentation(probabilities: np.ndarray) -> np.ndarray:
@@ -108,6 +122,11 @@ def predict_folder(predictor: Any, input_dir: Path, output_dir: Path, *, save_pr
     items = list(grouped.items())
     for case_id, files in (progress(items) if progress else items):
         image, geometry = read_case(files)
+        check = getattr(predictor, "check_image", None)
+        try:
+            check(image) if check is not None else None
+        except ValueError as err:  # name the files: the message alone does not say which case is wrong
+            raise ValueError(f"{', '.join(map(str, files))}: {err}") from None
         if uncertainty:
             probs, spread = predictor.predict_with_uncertainty(image, geometry)
             write_image(spread.astype(np.float32), geometry, maps[case_id])

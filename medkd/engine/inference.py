@@ -33,7 +33,7 @@ from torch import nn
 from medkd.data.io import Geometry
 from medkd.data.preprocess import PreprocessingPlan, preprocess_arrays, restore_probabilities
 from medkd.engine.case_io import (  # noqa: F401  (torch-free; re-exported from their former home)
-    group_channel_files, predict_folder, read_case, save_probabilities, segmentation)
+    check_image, group_channel_files, predict_folder, read_case, save_probabilities, segmentation)
 from medkd.engine.postprocess import Postprocessing, postprocessing_beside
 from medkd.models import create_from_spec, forward_padded, largest_stride
 from medkd.storage import load_checkpoint
@@ -141,11 +141,9 @@ class Predictor:
         return self.plan.num_channels
 
     def check_image(self, image: np.ndarray) -> None:
-        """Raise unless ``image`` (C, *spatial) has this model's channel count and only finite voxels."""
-        if image.shape[0] != self.num_channels:
-            raise ValueError(f"model expects {self.num_channels} channel(s), image has {image.shape[0]}")
-        if not np.isfinite(image).all():
-            raise ValueError("image contains NaN or Inf voxels")
+        """Raise unless ``image`` (C, *spatial) has this model's channel count and dimensionality
+        and only finite voxels (:func:`medkd.engine.case_io.check_image`)."""
+        check_image(image, self.num_channels, self.plan.mode)
 
     def prepare(self, image: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, dict]:
         """The preprocessed image (C, z, y, x) and the properties that map a prediction back."""
