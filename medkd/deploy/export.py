@@ -28,8 +28,6 @@ __all__ = ["OPSET", "ExportError", "deployable_network", "export_onnx", "onnx_la
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
-#: keys of training-only heads that eval-mode inference never uses
-_TRAINING_ONLY_PREFIXES = ("deep_supervision_heads.",)
 
 
 class ExportError(ValueError):
@@ -37,13 +35,21 @@ class ExportError(ValueError):
 
 
 def deployable_network(state: dict[str, Any], source: Path) -> nn.Module:
-    """The eval-mode network of checkpoint ``state`` (read from ``source``), without deep-supervision heads."""
+    """The eval-mode network of checkpoint ``state`` (read from ``source``), without deep-supervision heads.
+
+    The checkpoint's network is rebuilt and loaded strictly first; a deep-supervision ``dynunet`` is
+    then rebuilt without its heads and given every weight it has (strictly again).
+    """
     try:
         spec = ModelSpec.from_dict(state["model_spec"])
-        spec.deep_supervision = False
         model = create_from_spec(spec)
-        weights = {k: v for k, v in state["state_dict"].items() if not k.startswith(_TRAINING_ONLY_PREFIXES)}
-        model.load_state_dict(weights)
+        model.load_state_dict(state["state_dict"])
+        if spec.deep_supervision:
+            spec.deep_supervision = False
+            plain = create_from_spec(spec)
+            keep = plain.state_dict().keys()
+            plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in keep})
+            model = plain
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ExportError(f"{source}: cannot rebuild its network ({type(err).__name__}: {err})") from None
     return model.eval()
