@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from medkd import __version__
+import medkd
 from medkd.deploy.bundle import BUNDLE_FORMAT, CARD_FILE, MODEL_FILE, PLAN_FILE, seal_plan
 from medkd.deploy.card import card_facts, model_card
 from medkd.deploy.export import (INPUT_NAME, OPSET, OUTPUT_NAME, deployable_network, export_onnx, onnx_latency,
@@ -84,7 +84,7 @@ def _build(checkpoint: Path, state: dict[str, Any], folder: Path, latency_repeat
     latency["machine"] = f"{platform.machine()}, {os.cpu_count()} logical cores"
     steps, record = _postprocessing(checkpoint, state)
     plan = {
-        "format": BUNDLE_FORMAT, "medkd_version": __version__,
+        "format": BUNDLE_FORMAT, "medkd_version": medkd.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": {"checkpoint": str(checkpoint.resolve()), "step": state.get("step")},
         "model": {"file": MODEL_FILE, "opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME,
