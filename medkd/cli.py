@@ -321,7 +321,8 @@ def export_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="bundle folder to create")],
     force: Annotated[bool, typer.Option(help="replace a non-empty --output folder")] = False,
 ) -> None:
-    """Bundle a network for `medkd predict --bundle` (no PyTorch): model.onnx, plan.json (preprocessing, checksums), README.md."""
+    """Bundle a network for `medkd predict --bundle` (no PyTorch needed there): model.onnx, plan.json
+    (preprocessing, post-processing, checksums) and a model card README.md."""
     from medkd.workflows.export import export_bundle, export_summary
 
     console.print(export_summary(export_bundle(source, output, force=force)))

@@ -75,8 +75,9 @@ def export_onnx(model: nn.Module, path: Path, example_shape: Sequence[int], sour
                               do_constant_folding=True, dynamo=False)
         onnx.checker.check_model(str(path))
     except Exception as err:  # the exporter raises many types (UnsupportedOperatorError, RuntimeError...)
+        first_line = (str(err).strip().splitlines() or [""])[0]
         raise ExportError(f"{source}: cannot export {type(model).__name__} to ONNX "
-                          f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+                          f"({type(err).__name__}: {first_line})") from None
 
 
 def verify_onnx(model: nn.Module, path: Path, shape: Sequence[int], source: Path, tolerance: float = 1e-4,
@@ -116,5 +117,6 @@ def onnx_latency(path: Path, shape: Sequence[int], threads: int = 1, repeats: in
         start = time.perf_counter()
         session.run(None, {INPUT_NAME: x})
         times.append((time.perf_counter() - start) * 1000)
-    return {"input_shape": list(shape), "threads": threads, "repeats": repeats, "engine": f"onnxruntime {ort.__version__} fp32",
+    return {"input_shape": list(shape), "threads": threads, "repeats": repeats,
+            "engine": f"onnxruntime {ort.__version__} fp32",
             "median_ms": round(statistics.median(times), 3), "best_ms": round(min(times), 3)}

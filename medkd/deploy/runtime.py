@@ -43,7 +43,8 @@ def _check_plan(plan: dict[str, Any], path: Path) -> None:
         raise BundleError(f"{path}: preprocessing.normalization {schemes!r} does not fit num_channels "
                           f"{pre.get('num_channels')!r}")
     if len(inference.get("patch_size") or []) != (2 if pre["mode"] == "2d" else 3):
-        raise BundleError(f"{path}: inference.patch_size {inference.get('patch_size')!r} does not fit mode {pre['mode']}")
+        raise BundleError(f"{path}: inference.patch_size {inference.get('patch_size')!r} does not fit "
+                          f"mode {pre['mode']}")
 
 
 class BundlePredictor:
@@ -97,7 +98,8 @@ class BundlePredictor:
         """The network's input (C, z, y, x) and what maps a prediction back (:func:`medkd.deploy.ops.preprocess`)."""
         return ops.preprocess(image, geometry, self.preprocessing)
 
-    def predict_prepared(self, prepared: np.ndarray, props: dict[str, Any], original_shape: Sequence[int]) -> np.ndarray:
+    def predict_prepared(self, prepared: np.ndarray, props: dict[str, Any],
+                         original_shape: Sequence[int]) -> np.ndarray:
         """Probabilities (K, *original_shape) of an image made by :meth:`prepare`."""
         probs = ops.predict_probabilities(
             self.network, prepared, mode=self.preprocessing["mode"], patch_size=self.inference["patch_size"],

@@ -18,5 +18,6 @@ def decide_and_report(run_dir: Path, device: str = "cpu") -> list[str]:
         without, with_ = ("n/a" if d is None else f"{d:.4f}" for d in (step["dice_without"], step["dice_with"]))
         lines.append(f"  {name}: {'applied' if step['applied'] else 'not applied'} "
                      f"(validation Dice {without} without, {with_} with)")
-    lines.append(f"decided on {record['num_cases']} validation case(s); written {Path(run_dir) / 'postprocessing.json'}")
+    written = Path(run_dir) / "postprocessing.json"
+    lines.append(f"decided on {record['num_cases']} validation case(s); written {written}")
     return lines
