@@ -111,20 +111,10 @@ def _train_options(
 
 def _run_training(opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
     """Resolve the config from --config, flags and --set (over ``defaults``); run it, or resume --run-dir."""
-    from medkd.workflows.train import config_overrides, resolve_config, resume_run, train_run
+    from medkd.workflows.train import run_from_options
 
-    config, run_dir = opts["config"], opts["run_dir"]
     _setup_logging(opts["verbose"])
-    overrides = config_overrides(opts, defaults)
-    if opts["resume"]:
-        if run_dir is None:
-            raise ValueError("--resume needs --run-dir (the folder of the run to continue)")
-        ignored = [k for k, v in overrides.items() if v is not None]
-        if ignored or config:
-            err_console.print(f"note: resuming uses {run_dir / 'config.yaml'}; ignoring {', '.join(ignored) or '--config'}")
-        result = resume_run(run_dir)
-    else:
-        result = train_run(resolve_config(config, overrides), run_dir)
+    result = run_from_options(opts, defaults, note=err_console.print)
     if result is not None and result.run_dir:
         console.print(f"done: {result.steps} steps in {result.elapsed_s:.0f}s, best val Dice "
                       f"{result.best_metric:.4f} at step {result.best_step}; run folder {result.run_dir}")
@@ -262,10 +252,12 @@ def inspect_model_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    checkpoint: Annotated[Path, typer.Option(help="best.pt / last.pt of a run, or a teacher set (teachers.json or "
-                                                  "its folder), which predicts as one model")],
     input: Annotated[Path, typer.Option("--input", "-i", help="folder of CASE_0000.ext images, or a dataset folder")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for CASE.ext segmentations")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="best.pt / last.pt of a run, or a teacher set (teachers.json "
+                                                            "or its folder), which predicts as one model")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="instead of --checkpoint: a folder from `medkd export`, run with "
+                                                        "onnxruntime on the CPU (no PyTorch needed)")] = None,
     split: Annotated[str, typer.Option(help="for a dataset folder: test (imagesTs) or train (imagesTr)")] = "test",
     tta: Annotated[bool, typer.Option(help="average over mirrored inputs")] = False,
     whole_slice: Annotated[Optional[bool], typer.Option(
@@ -289,12 +281,25 @@ def predict_cmd(
 
     from medkd.workflows.predict import predict
 
-    members, written = predict(checkpoint, input, output, split=split, tta=tta, whole_slice=whole_slice,
+    members, written = predict(checkpoint, input, output, bundle=bundle, split=split, tta=tta, whole_slice=whole_slice,
                                postprocess=postprocess, combine=combine, uncertainty=uncertainty,
                                save_probabilities=save_probabilities, device=device, overwrite=overwrite,
                                progress=lambda items: tqdm(items, desc="predict", unit="case"))
     what = f"segmentation(s) of {members} combined member(s)" if members > 1 else "segmentation(s)"
     console.print(f"wrote {len(written)} {what}{' and uncertainty maps' if uncertainty else ''} to {output}")
+
+
+@app.command("export")
+def export_cmd(
+    source: Annotated[Path, typer.Argument(help="a run folder (its best.pt) or a checkpoint .pt")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="bundle folder to create")],
+    force: Annotated[bool, typer.Option(help="replace a non-empty --output folder")] = False,
+) -> None:
+    """Bundle a network for `medkd predict --bundle` (no PyTorch needed there): model.onnx, plan.json
+    (preprocessing, post-processing, checksums) and a model card README.md."""
+    from medkd.workflows.export import export_bundle, export_summary
+
+    console.print(export_summary(export_bundle(source, output, force=force)))
 
 
 @app.command("postprocess")
@@ -307,16 +312,10 @@ def postprocess_cmd(
     nnU-Net's rule: keep only the largest connected component (all foreground as one, then per class)
     where that raises the validation Dice. `medkd predict` applies it to this run's best.pt.
     """
-    from medkd.engine.validation import postprocess_run
+    from medkd.workflows.postprocess import decide_and_report
 
     _setup_logging(False)
-    record = postprocess_run(run_dir, device=device)
-    steps = {"all foreground as one": record["foreground_as_one"], **record["classes"]}
-    for name, step in steps.items():
-        without, with_ = ("n/a" if d is None else f"{d:.4f}" for d in (step["dice_without"], step["dice_with"]))
-        console.print(f"  {name}: {'applied' if step['applied'] else 'not applied'} "
-                      f"(validation Dice {without} without, {with_} with)")
-    console.print(f"decided on {record['num_cases']} validation case(s); written {run_dir / 'postprocessing.json'}")
+    console.print("\n".join(decide_and_report(run_dir, device=device)))
 
 
 @app.command("evaluate")

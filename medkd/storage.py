@@ -21,6 +21,9 @@ Every write goes to a temporary ``.tmp_<name>.<8 random characters>`` beside its
 over it, so a reader never sees half a file. A process killed between the two leaves that temporary
 file behind; :func:`remove_temp_files` removes them (the trainer does so when a run starts or
 resumes). A failed write raises :class:`OSError` naming the target file, its temporary file removed.
+
+PyTorch is imported only by the two checkpoint functions: the atomic writers and checksums also
+serve the torch-free bundle predictor (:mod:`medkd.deploy.runtime`).
 """
 
 from __future__ import annotations
@@ -32,8 +35,6 @@ import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
-
-import torch
 
 CHECKPOINT_FORMAT = "medkd-checkpoint-v1"
 TEMP_PREFIX = ".tmp_"
@@ -167,6 +168,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     A run killed mid-write leaves the previous checkpoint intact. A failed write (full disk,
     read-only folder) raises :class:`OSError` naming ``path``; the temporary file is removed.
     """
+    import torch  # lazily: the rest of this module serves torch-free code too
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path_beside(path)
@@ -193,6 +196,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a medkd checkpoint on the CPU with ``weights_only=True``."""
+    import torch  # lazily, as in save_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")

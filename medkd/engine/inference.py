@@ -30,11 +30,13 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from medkd.data.io import Geometry, file_ending, read_image, uncertainty_file, write_image
+from medkd.data.io import Geometry
 from medkd.data.preprocess import PreprocessingPlan, preprocess_arrays, restore_probabilities
+from medkd.engine.case_io import (  # noqa: F401  (torch-free; re-exported from their former home)
+    check_image, group_channel_files, predict_folder, read_case, save_probabilities, segmentation)
 from medkd.engine.postprocess import Postprocessing, postprocessing_beside
 from medkd.models import create_from_spec, forward_padded, largest_stride
-from medkd.storage import atomic_write_numpy, load_checkpoint
+from medkd.storage import load_checkpoint
 
 
 def _flip_sets(spatial_dims: int, tta: bool) -> list[tuple[int, ...]]:
@@ -139,11 +141,9 @@ class Predictor:
         return self.plan.num_channels
 
     def check_image(self, image: np.ndarray) -> None:
-        """Raise unless ``image`` (C, *spatial) has this model's channel count and only finite voxels."""
-        if image.shape[0] != self.num_channels:
-            raise ValueError(f"model expects {self.num_channels} channel(s), image has {image.shape[0]}")
-        if not np.isfinite(image).all():
-            raise ValueError("image contains NaN or Inf voxels")
+        """Raise unless ``image`` (C, *spatial) has this model's channel count and dimensionality
+        and only finite voxels (:func:`medkd.engine.case_io.check_image`)."""
+        check_image(image, self.num_channels, self.plan.mode)
 
     def prepare(self, image: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, dict]:
         """The preprocessed image (C, z, y, x) and the properties that map a prediction back."""
@@ -172,102 +172,3 @@ class Predictor:
         image, geometry = read_case(image_files)
         probs = self.predict_arrays(image, geometry)
         return self.segment(probs), probs, geometry
-
-
-def read_case(image_files: Sequence[Path]) -> tuple[np.ndarray, Geometry]:
-    """One case's channel files (``_0000``, ``_0001``...) as a float32 image (C, *spatial) and its geometry.
-
-    Every channel must have channel 0's shape and geometry and only finite voxels (the error names the file:
-    a NaN voxel would otherwise spread through the normalisation and the network unnoticed).
-    """
-    arrays, geometry = [], None
-    for path in image_files:
-        array, geo = read_image(path)
-        if geometry is not None and (array.shape != arrays[0].shape or not geo.matches(geometry)):
-            raise ValueError(f"{path}: shape/geometry differs from channel 0 ({image_files[0]})")
-        bad = int(np.count_nonzero(~np.isfinite(array))) if np.issubdtype(array.dtype, np.floating) else 0
-        if bad:
-            raise ValueError(f"{path}: image holds {bad} NaN/Inf voxel(s); fix or remove the file")
-        arrays.append(array)
-        geometry = geometry or geo
-    return np.stack(arrays).astype(np.float32), geometry
-
-
-def segmentation(probabilities: np.ndarray) -> np.ndarray:
-    """Label map (*spatial) uint8: the most probable class of probabilities (K, *spatial)."""
-    return probabilities.argmax(0).astype(np.uint8)
-
-
-def group_channel_files(folder: Path, num_channels: int) -> dict[str, list[Path]]:
-    """nnU-Net naming: ``CASE_0000.ext``, ``CASE_0001.ext``...; every case must have exactly the model's channels
-    (an extra ``_0001`` for a 1-channel model means the wrong model or folder, and is refused, not ignored)."""
-    cases: dict[str, dict[int, Path]] = {}
-    for path in sorted(folder.iterdir()):
-        try:
-            ending = file_ending(path)
-        except ValueError:
-            continue
-        stem = path.name[: -len(ending)]
-        if len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
-            raise ValueError(f"{path}: expected nnU-Net channel naming CASE_XXXX{ending}")
-        cases.setdefault(stem[:-5], {})[int(stem[-4:])] = path
-    grouped = {}
-    for case_id, channels in cases.items():
-        extra = [channels[c] for c in sorted(channels) if c >= num_channels]
-        if extra:
-            raise ValueError(f"{extra[0]}: the model takes {num_channels} channel(s) (_0000"
-                             f"{f' to _{num_channels - 1:04d}' if num_channels > 1 else ''}) but case {case_id} "
-                             f"has channel file(s) {', '.join(p.name for p in extra)}; wrong model or input folder?")
-        missing = [c for c in range(num_channels) if c not in channels]
-        if missing:
-            raise FileNotFoundError(f"case {case_id} in {folder}: missing channel file(s) "
-                                    + ", ".join(f"{case_id}_{c:04d}" for c in missing))
-        grouped[case_id] = [channels[c] for c in range(num_channels)]
-    if not grouped:
-        raise FileNotFoundError(f"no images with a supported ending in {folder}")
-    return grouped
-
-
-def save_probabilities(path: Path, probabilities: np.ndarray, labels: dict[str, int]) -> None:
-    """float16 softmax probabilities (K, *spatial) as ``.npz`` (keys: probabilities, class_names)."""
-    names = sorted(labels, key=labels.get)
-    atomic_write_numpy(path, np.savez_compressed, probabilities=probabilities.astype(np.float16),
-                       class_names=np.array(names))
-
-
-def predict_folder(predictor: Predictor, input_dir: Path, output_dir: Path, *, save_probs: bool = False,
-                   uncertainty: bool = False, overwrite: bool = False, progress: Callable | None = None) -> list[Path]:
-    """Predict every case in ``input_dir``; writes ``CASE<ending>`` (+ ``CASE.npz``) into ``output_dir``.
-
-    ``predictor`` is a :class:`Predictor` or a :class:`medkd.engine.ensemble.EnsemblePredictor`
-    (whose ``.npz`` holds the combined probabilities). ``uncertainty=True`` also writes
-    ``CASE_uncertainty<ending>`` (float32, the input's geometry; ``.nii.gz`` for PNG inputs, which
-    cannot hold floats) and needs an ensemble of at least two members. Segmentations come from
-    ``predictor.segment`` (post-processed for a single model with a decision); ``.npz``
-    probabilities are never post-processed.
-    """
-    if uncertainty and predictor.num_members < 2:
-        raise ValueError(f"an uncertainty map needs a teacher set of at least 2 members (teachers.json or its "
-                         f"folder); {predictor.source} holds one model, which has no member disagreement to map")
-    grouped = group_channel_files(Path(input_dir), predictor.num_channels)
-    output_dir = Path(output_dir)
-    outputs = {case: output_dir / f"{case}{file_ending(files[0])}" for case, files in grouped.items()}
-    maps = {case: uncertainty_file(path) for case, path in outputs.items()} if uncertainty else {}
-    existing = [p for p in [*outputs.values(), *maps.values()] if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{len(existing)} prediction(s) already in {output_dir} (e.g. {existing[0].name}); "
-                              "pass --overwrite to replace them or choose another output folder")
-    written = []
-    items = list(grouped.items())
-    for case_id, files in (progress(items) if progress else items):
-        image, geometry = read_case(files)
-        if uncertainty:
-            probs, spread = predictor.predict_with_uncertainty(image, geometry)
-            write_image(spread.astype(np.float32), geometry, maps[case_id])
-        else:
-            probs = predictor.predict_arrays(image, geometry)
-        write_image(predictor.segment(probs), geometry, outputs[case_id])
-        if save_probs:
-            save_probabilities(output_dir / f"{case_id}.npz", probs, predictor.labels)
-        written.append(outputs[case_id])
-    return written

@@ -6,7 +6,9 @@ Each ``medkd`` command is a thin typer shell over one of these (or over a lower-
 * :mod:`medkd.workflows.distill`        - the distill config: teacher's data settings, recipe, ``distill`` section;
 * :mod:`medkd.workflows.teacher_plan`   - plan a teacher set: its members by kind, ``plan.json``;
 * :mod:`medkd.workflows.train_teachers` - train a teacher set member by member (``medkd train-teachers``);
-* :mod:`medkd.workflows.predict`        - segment a folder with a checkpoint or a teacher set (``medkd predict``);
+* :mod:`medkd.workflows.predict`        - segment a folder with a checkpoint, a teacher set or a bundle (``medkd predict``);
+* :mod:`medkd.workflows.export`         - a run's network as an ONNX bundle that runs without PyTorch (``medkd export``);
+* :mod:`medkd.workflows.postprocess`    - (re)decide a run's post-processing and report it (``medkd postprocess``);
 * :mod:`medkd.workflows.evaluate`       - evaluate predictions against labels (``medkd evaluate``);
 * :mod:`medkd.workflows.catalog`        - tables of the shipped recipes and registry models (``medkd recipes/models``);
 * :mod:`medkd.workflows.demo`           - the synthetic end-to-end demo (``medkd demo``).

@@ -12,7 +12,7 @@ import datetime
 import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -89,3 +89,21 @@ def train_run(config: RunConfig, run_dir: str | Path | None = None) -> TrainResu
 def resume_run(run_dir: str | Path) -> TrainResult | None:
     """Continue the run in ``run_dir`` from its ``last.pt``, with the config stored there."""
     return train(None, run_dir, resume=True)
+
+
+def run_from_options(options: Mapping[str, Any], defaults: Mapping[str, Any] | None = None,
+                     note: Callable[[str], Any] = print) -> TrainResult | None:
+    """Run what the train/distill command line asks: ``options`` are its collected options (``config``,
+    ``run_dir``, ``resume``, flags, ``set_``). Resolves the config from --config, flags and --set over
+    ``defaults`` and trains in a new run, or with ``resume`` continues ``run_dir`` (``note`` tells which
+    given options that ignores). ``None`` on non-zero ranks of a distributed run."""
+    config, run_dir = options["config"], options["run_dir"]
+    overrides = config_overrides(options, defaults)
+    if not options["resume"]:
+        return train_run(resolve_config(config, overrides), run_dir)
+    if run_dir is None:
+        raise ValueError("--resume needs --run-dir (the folder of the run to continue)")
+    ignored = [k for k, v in overrides.items() if v is not None]
+    if ignored or config:
+        note(f"note: resuming uses {Path(run_dir) / 'config.yaml'}; ignoring {', '.join(ignored) or '--config'}")
+    return resume_run(run_dir)
