@@ -33,6 +33,7 @@ from monai.transforms import Resize
 
 from medkd.data.cache_integrity import file_problem_in_cache, image_problem, label_problem, write_recorded
 from medkd.data.dataset import Case, DatasetError, DatasetInfo, read_case
+from medkd.data.grid import nonzero_bbox, spacing_zyx
 from medkd.data.io import Geometry
 from medkd.storage import atomic_write_text
 
@@ -126,25 +127,6 @@ def make_plan(dataset: DatasetInfo, train_cases: Sequence[Case], *, mode: str, n
 
 # --------------------------------------------------------------------------------------------
 # the per-case transform and its inverse
-
-
-def spacing_zyx(geometry: Geometry, ndim: int) -> list[float]:
-    """SimpleITK spacing (x, y, z) in numpy order, padded to 3 axes for native 2D images."""
-    spacing = list(reversed(geometry.spacing))[-ndim:] if ndim <= len(geometry.spacing) else list(reversed(geometry.spacing))
-    return ([1.0] * (3 - len(spacing)) + spacing)[-3:]
-
-
-def nonzero_bbox(image: np.ndarray) -> list[list[int]]:
-    """Bounding box [[lo, hi), ...] over spatial axes of voxels non-zero in any channel."""
-    mask = np.any(image != 0, axis=0)
-    if not mask.any():
-        return [[0, s] for s in mask.shape]
-    bbox = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        nonzero = np.flatnonzero(mask.any(axis=others))
-        bbox.append([int(nonzero[0]), int(nonzero[-1]) + 1])
-    return bbox
 
 
 def _target_shape(shape: Sequence[int], spacing: Sequence[float], plan: PreprocessingPlan) -> list[int]:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from medkd.data.grid import nonzero_bbox, spacing_zyx
 from medkd.data.io import Geometry
 
 __all__ = ["gaussian_importance", "nonzero_bbox", "predict_probabilities", "preprocess", "resize_linear",
@@ -35,25 +36,6 @@ Network = Callable[[np.ndarray], np.ndarray]
 
 
 # ------------------------------------------------------------------------------------ preprocessing
-
-
-def spacing_zyx(geometry: Geometry, ndim: int) -> list[float]:
-    """SimpleITK spacing (x, y, z) in numpy order, padded to 3 axes for native 2D images."""
-    spacing = list(reversed(geometry.spacing))
-    spacing = spacing[-ndim:] if ndim <= len(spacing) else spacing
-    return ([1.0] * (3 - len(spacing)) + spacing)[-3:]
-
-
-def nonzero_bbox(image: np.ndarray) -> list[list[int]]:
-    """Bounding box [[lo, hi), ...] over the spatial axes of voxels non-zero in any channel of (C, *spatial)."""
-    mask = np.any(image != 0, axis=0)
-    if not mask.any():
-        return [[0, s] for s in mask.shape]
-    bbox = []
-    for axis in range(mask.ndim):
-        nonzero = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        bbox.append([int(nonzero[0]), int(nonzero[-1]) + 1])
-    return bbox
 
 
 def _target_shape(shape: Sequence[int], spacing: Sequence[float], plan: dict[str, Any]) -> list[int]:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from medkd.data.io import Geometry
 from medkd.deploy import ops
 from medkd.deploy.bundle import MODEL_FILE, PLAN_FILE, BundleError, read_bundle
-from medkd.engine.case_io import check_image, predict_folder, segmentation
+from medkd.engine.case_io import CaseSegmenter, check_image, predict_folder
 from medkd.engine.postprocess import Postprocessing
 
 __all__ = ["BundlePredictor", "predict_with_bundle"]
@@ -47,7 +47,7 @@ def _check_plan(plan: dict[str, Any], path: Path) -> None:
                           f"mode {pre['mode']}")
 
 
-class BundlePredictor:
+class BundlePredictor(CaseSegmenter):
     """A bundle's ONNX network plus its preprocessing and post-processing, on the CPU.
 
     Args:
@@ -107,17 +107,6 @@ class BundlePredictor:
             overlap=float(self.inference.get("overlap", 0.5)), whole_slice=self.whole_slice,
             divisor=int(self.plan["model"].get("largest_stride", 1)))
         return ops.restore(probs, props, original_shape)
-
-    def predict_arrays(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
-        """Probabilities (K, *spatial) on the grid of ``image`` (C, *spatial) as read from disk."""
-        self.check_image(image)
-        prepared, props = self.prepare(image, geometry)
-        return self.predict_prepared(prepared, props, image.shape[1:])
-
-    def segment(self, probabilities: np.ndarray) -> np.ndarray:
-        """Label map (*spatial) uint8 of probabilities (K, *spatial): argmax, then :attr:`postprocessing`."""
-        labels = segmentation(probabilities)
-        return labels if self.postprocessing is None else self.postprocessing.apply(labels)
 
 
 def _session(path: Path, threads: int | None) -> ort.InferenceSession:

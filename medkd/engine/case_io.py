@@ -59,6 +59,27 @@ def segmentation(probabilities: np.ndarray) -> np.ndarray:
     return probabilities.argmax(0).astype(np.uint8)
 
 
+class CaseSegmenter:
+    """What a predictor of either kind (PyTorch checkpoint, ONNX bundle) does with one case's arrays.
+
+    Subclasses provide ``check_image(image)``, ``prepare(image, geometry) -> (prepared, props)``,
+    ``predict_prepared(prepared, props, original_shape)`` and a ``postprocessing`` attribute (or None).
+    """
+
+    postprocessing: Any = None
+
+    def predict_arrays(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """Probabilities (K, *spatial) on the grid of ``image`` (C, *spatial) as read from disk."""
+        self.check_image(image)  # type: ignore[attr-defined]
+        prepared, props = self.prepare(image, geometry)  # type: ignore[attr-defined]
+        return self.predict_prepared(prepared, props, image.shape[1:])  # type: ignore[attr-defined]
+
+    def segment(self, probabilities: np.ndarray) -> np.ndarray:
+        """Label map (*spatial) uint8 of probabilities (K, *spatial): argmax, then :attr:`postprocessing`."""
+        labels = segmentation(probabilities)
+        return labels if self.postprocessing is None else self.postprocessing.apply(labels)
+
+
 def group_channel_files(folder: Path, num_channels: int) -> dict[str, list[Path]]:
     """nnU-Net naming: ``CASE_0000.ext``, ``CASE_0001.ext``...; every case must have exactly the model's channels
     (an extra ``_0001`` for a 1-channel model means the wrong model or folder, and is refused, not ignored)."""

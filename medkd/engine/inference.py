@@ -33,7 +33,7 @@ from torch import nn
 from medkd.data.io import Geometry
 from medkd.data.preprocess import PreprocessingPlan, preprocess_arrays, restore_probabilities
 from medkd.engine.case_io import (  # noqa: F401  (torch-free; re-exported from their former home)
-    check_image, group_channel_files, predict_folder, read_case, save_probabilities, segmentation)
+    CaseSegmenter, check_image, group_channel_files, predict_folder, read_case, save_probabilities, segmentation)
 from medkd.engine.postprocess import Postprocessing, postprocessing_beside
 from medkd.models import create_from_spec, forward_padded, largest_stride
 from medkd.storage import load_checkpoint
@@ -100,7 +100,7 @@ def checkpoint_whole_slice(state: dict) -> bool:
     return bool((config.get("data") or {}).get("whole_slice_inference", False))
 
 
-class Predictor:
+class Predictor(CaseSegmenter):
     """A trained network plus the preprocessing it was trained with, loaded from a checkpoint.
 
     Args:
@@ -155,17 +155,6 @@ class Predictor:
         probs = predict_probabilities(self.model, prepared, mode=self.plan.mode, patch_size=self.patch_size,
                                       tta=self.tta, device=self.device, amp=self.amp, whole_slice=self.whole_slice)
         return restore_probabilities(probs.numpy(), props, original_shape)
-
-    def predict_arrays(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
-        """Probabilities (K, *spatial) on the grid of ``image`` (C, *spatial) as read from disk."""
-        self.check_image(image)
-        prepared, props = self.prepare(image, geometry)
-        return self.predict_prepared(prepared, props, image.shape[1:])
-
-    def segment(self, probabilities: np.ndarray) -> np.ndarray:
-        """Label map (*spatial) uint8 of probabilities (K, *spatial): argmax, then :attr:`postprocessing`."""
-        labels = segmentation(probabilities)
-        return labels if self.postprocessing is None else self.postprocessing.apply(labels)
 
     def predict_files(self, image_files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, Geometry]:
         """Segmentation and probabilities for one case given its channel files (``_0000``, ``_0001``...)."""
