@@ -61,3 +61,23 @@ class InterruptAt:
 def interrupt_at():
     """The :class:`InterruptAt` callback class (``callbacks=[interrupt_at(4)]``)."""
     return InterruptAt
+
+
+@pytest.fixture(scope="session")
+def rotated_copies():
+    """``rotated_copies(source, target)``: the images of ``source`` with a rotated direction and a moved
+    origin (3D) written to ``target``, which is returned."""
+    return _rotated_copies
+
+
+def _rotated_copies(source: Path, target: Path) -> Path:
+    import SimpleITK as sitk
+
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        image = sitk.ReadImage(str(path))
+        image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
+        image.SetOrigin((-12.5, 40.0, 3.25))
+        sitk.WriteImage(image, str(target / path.name))
+    return target
+

@@ -46,28 +46,17 @@ def test_sliding_window_is_monai(shape, patch):
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("spacing", [None, [2.0, 1.3, 1.7]])
-@pytest.mark.parametrize("mode", ["2d", "3d"])
-def test_preprocess_and_restore_are_the_plan(phantoms_3d, mode, spacing):
-    dataset = load_dataset(phantoms_3d)
+@pytest.mark.parametrize(("phantoms", "mode", "spacing"), [
+    ("phantoms_3d", "2d", None), ("phantoms_3d", "3d", None), ("phantoms_3d", "2d", [2.0, 1.3, 1.7]),
+    ("phantoms_3d", "3d", [2.0, 1.3, 1.7]), ("phantoms_2d", "2d", [1.0, 0.7, 0.8])])  # last: native 2D
+def test_preprocess_and_restore_are_the_plan(request, phantoms, mode, spacing):
+    dataset = load_dataset(request.getfixturevalue(phantoms))
     plan = make_plan(dataset, dataset.training[:2], mode=mode, target_spacing=spacing)
     image, _, geometry = read_case(dataset.training[0], dataset)
     expected, _, props = preprocess_arrays(image, None, geometry, plan)
     got, mine = ops.preprocess(image, geometry, plan.to_dict())
     np.testing.assert_allclose(got, expected, atol=1e-4)
     probs = np.random.default_rng(2).random((3, *expected.shape[1:]), dtype=np.float32)
-    np.testing.assert_allclose(ops.restore(probs, mine, image.shape[1:]),
-                               restore_probabilities(probs, props, image.shape[1:]), atol=1e-5)
-
-
-def test_native_2d_preprocess_and_restore(phantoms_2d):
-    dataset = load_dataset(phantoms_2d)
-    plan = make_plan(dataset, dataset.training[:2], mode="2d", target_spacing=[1.0, 0.7, 0.8])
-    image, _, geometry = read_case(dataset.training[0], dataset)
-    expected, _, props = preprocess_arrays(image, None, geometry, plan)
-    got, mine = ops.preprocess(image, geometry, plan.to_dict())
-    np.testing.assert_allclose(got, expected, atol=1e-4)
-    probs = np.random.default_rng(3).random((2, *expected.shape[1:]), dtype=np.float32)
     np.testing.assert_allclose(ops.restore(probs, mine, image.shape[1:]),
                                restore_probabilities(probs, props, image.shape[1:]), atol=1e-5)
 

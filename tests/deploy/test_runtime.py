@@ -45,15 +45,9 @@ def test_bundle_and_checkpoint_cli_agree_2d(run_2d, bundle_2d, phantoms_2d, tmp_
     assert _agreement(tmp_path / "pt", tmp_path / "onnx") >= 0.999
 
 
-def test_bundle_and_checkpoint_agree_3d_with_resampling_and_geometry(run_3d, bundle_3d, phantoms_3d, tmp_path):
+def test_bundle_and_checkpoint_agree_3d_with_resampling_and_geometry(run_3d, bundle_3d, phantoms_3d, tmp_path, rotated_copies):
     """Trained 3D dynunet (deep supervision in training) on a resampled grid; inputs with a rotated direction."""
-    images = tmp_path / "images"
-    images.mkdir()
-    for path in sorted((phantoms_3d / "imagesTs").iterdir()):
-        image = sitk.ReadImage(str(path))
-        image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
-        image.SetOrigin((-12.5, 40.0, 3.25))
-        sitk.WriteImage(image, str(images / path.name))
+    images = rotated_copies(phantoms_3d / "imagesTs", tmp_path / "images")
     predict_folder(Predictor(run_3d / "best.pt"), images, tmp_path / "pt", save_probs=True)
     predict_folder(BundlePredictor(bundle_3d), images, tmp_path / "onnx", save_probs=True)
     assert _agreement(tmp_path / "pt", tmp_path / "onnx") >= 0.999

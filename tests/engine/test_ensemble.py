@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from medkd.data.dataset import load_dataset
@@ -137,14 +136,8 @@ def test_2d_and_3d_members_combine_on_the_original_grid(phantoms_3d, tmp_path):
     np.testing.assert_allclose(ensemble.predict_arrays(image, geometry), (members[0] + members[1]) / 2, atol=1e-6)
 
 
-def test_uncertainty_file_keeps_the_input_geometry(phantoms_3d, tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for path in sorted((phantoms_3d / "imagesTs").iterdir()):
-        image = sitk.ReadImage(str(path))
-        image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
-        image.SetOrigin((-12.5, 40.0, 3.25))
-        sitk.WriteImage(image, str(images / path.name))
+def test_uncertainty_file_keeps_the_input_geometry(phantoms_3d, tmp_path, rotated_copies):
+    images = rotated_copies(phantoms_3d / "imagesTs", tmp_path / "images")
     ckpts = [_checkpoint(phantoms_3d, tmp_path / f"{s}.pt", seed=s) for s in (0, 1)]
     ensemble = EnsemblePredictor(_teacher_set(tmp_path / "set", ckpts, load_dataset(phantoms_3d).labels))
     written = predict_folder(ensemble, images, tmp_path / "out", uncertainty=True, save_probs=True)
