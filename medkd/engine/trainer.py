@@ -164,6 +164,11 @@ class Trainer:
         task.extra_modules().load_state_dict(ckpt["extra_state"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
+        threads = ckpt.get("num_threads")  # CPU sums split by thread: another count, other last bits
+        if threads and threads != torch.get_num_threads() and self.fabric.device.type == "cpu":
+            log.warning("%s was trained with %d intra-op threads, this resume has %d: the weights will differ from "
+                        "an uninterrupted run's in the last bits (set train.num_threads)", self.run_dir / "last.pt",
+                        threads, torch.get_num_threads())
         for key in self.state:
             self.state[key] = ckpt[key]
         log.info("resumed %s at step %d", self.run_dir, self.state["step"])
@@ -180,6 +185,7 @@ class Trainer:
             "extra_state": task.extra_modules().state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "num_threads": torch.get_num_threads(),
             "preprocessing": {"plan": self.data.plan.to_dict(), "patch_size": list(self.config.data.patch_size)},
             "labels": dict(self.data.dataset.labels),
             "config": self.config.to_yaml_dict(),

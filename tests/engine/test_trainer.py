@@ -94,3 +94,17 @@ def test_3d_patch_training(phantoms_3d, tmp_path, tiny_config, model, deep_super
     result = train(build_config(tree), tmp_path / "run")
     assert result.steps == 2 and len(result.last_val) == 4
     assert load_checkpoint(tmp_path / "run" / "best.pt")["preprocessing"]["plan"]["mode"] == "3d"
+
+
+def test_resume_with_another_thread_count_says_the_weights_will_differ(phantoms_2d, tmp_path, tiny_config, caplog):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(build_config(tiny_config(phantoms_2d, tmp_path / "cache", max_steps=1)), tmp_path / "run")
+        assert load_checkpoint(tmp_path / "run" / "last.pt")["num_threads"] == 2
+        torch.set_num_threads(1)
+        with caplog.at_level("WARNING", logger="medkd.engine.trainer"):
+            train(None, tmp_path / "run", resume=True)
+    finally:
+        torch.set_num_threads(before)
+    assert "trained with 2 intra-op threads, this resume has 1" in caplog.text
