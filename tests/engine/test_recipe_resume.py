@@ -2,13 +2,16 @@
 student weights and the ``extra_state`` (adapters, heads, balancer) of an uninterrupted run, bit for bit.
 
 The uninterrupted run meets a cold cache (it preprocesses the cases and, for cached recipes, computes the
-teacher outputs); the killed and the resumed runs find both caches filled, as a real resume does. The
-interruption is a kill (``InterruptAt``) rather than a smaller ``max_steps``: the poly learning-rate
-schedule depends on the step budget, so a run stopped by ``max_steps=k`` is not the first k steps of an
-``n``-step run.
+teacher outputs); the resumed run finds both caches filled, as a real resume does. The killed run is a
+copy of the uninterrupted run's folder taken right after its step-k checkpoint: all that a run killed
+after step k leaves for ``--resume`` (its ``config.yaml`` and ``last.pt``), one training run cheaper than
+killing a second run. Not a smaller ``max_steps``: the poly learning-rate schedule depends on the step
+budget, so a run stopped by ``max_steps=k`` is not the first k steps of an ``n``-step run.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -66,13 +69,21 @@ def assert_same_state(full: dict, cut: dict) -> None:
                 pytest.fail(f"{part}.{key} differs after resume: relative L2 {float(diff):.2e}")
 
 
-def kill_and_resume_matches(cfg, run_root, interrupt_at) -> None:
-    """Uninterrupted 4 steps vs killed after step 3 (last.pt at 2) and resumed: the same state."""
+class SnapshotAt:
+    """Trainer callback: copies the run folder after step ``step`` (after that step's checkpoint)."""
+
+    def __init__(self, step: int, dest):
+        self.step, self.dest = step, dest
+
+    def on_step_end(self, trainer, step, terms):
+        if step == self.step:
+            shutil.copytree(trainer.run_dir, self.dest)
+
+
+def kill_and_resume_matches(cfg, run_root) -> None:
+    """Uninterrupted 4 steps vs the folder as it stood at step 2 (its last.pt) resumed: the same state."""
     torch.set_num_threads(THREADS)
-    train(cfg.model_copy(deep=True), run_root / "full")
-    torch.set_num_threads(THREADS)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg.model_copy(deep=True), run_root / "cut", callbacks=[interrupt_at(3)])
+    train(cfg, run_root / "full", callbacks=[SnapshotAt(2, run_root / "cut")])
     assert load_checkpoint(run_root / "cut" / "last.pt")["step"] == 2
     torch.set_num_threads(THREADS)
     train(None, run_root / "cut", resume=True)
@@ -82,19 +93,17 @@ def kill_and_resume_matches(cfg, run_root, interrupt_at) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list_recipes())
 def test_every_shipped_recipe_resumes_bit_identically(recipe, phantoms_2d, tiny_config, teachers, tmp_path,
-                                                      interrupt_at, pinned_threads):
+                                                      pinned_threads):
     spec = load_recipe(recipe).model_dump(mode="json")
-    kill_and_resume_matches(distill_config(phantoms_2d, tiny_config, teachers, spec, tmp_path / "cache"), tmp_path,
-                            interrupt_at)
+    kill_and_resume_matches(distill_config(phantoms_2d, tiny_config, teachers, spec, tmp_path / "cache"), tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [None, 5], ids=["global-rng", "own-generator"])
 def test_contrastive_voxel_sampling_resumes_bit_identically(seed, phantoms_2d, tiny_config, teachers, tmp_path,
-                                                            interrupt_at, pinned_threads):
+                                                            pinned_threads):
     """mtms-contrastive with fewer samples per class than voxels, so the sampling really draws."""
     spec = load_recipe("mtms-contrastive").model_dump(mode="json")
     spec["terms"]["contrastive"]["taps"] = "encoder"
     spec["terms"]["contrastive"]["options"].update(samples_per_class=3, seed=seed)
-    kill_and_resume_matches(distill_config(phantoms_2d, tiny_config, teachers, spec, tmp_path / "cache"), tmp_path,
-                            interrupt_at)
+    kill_and_resume_matches(distill_config(phantoms_2d, tiny_config, teachers, spec, tmp_path / "cache"), tmp_path)
