@@ -379,8 +379,8 @@ class Trainer:
                              self.state["best_step"], self.state["last_val"], self.fabric.global_rank)
         if self.fabric.is_global_zero:
             summary = {**{k: v for k, v in result.__dict__.items() if k != "global_rank"},
-                       "run_dir": str(self.run_dir), "class_names": self.data.dataset.class_names[1:], "world_size": self.fabric.world_size,
-                       "ranks_in_sync": len(set(digests)) == 1, "rank_weight_sha256": digests}
+                       "run_dir": str(self.run_dir), "class_names": self.data.dataset.class_names[1:],
+                       "world_size": self.fabric.world_size, "ranks_in_sync": len(set(digests)) == 1, "rank_weight_sha256": digests}
             decide_run_postprocessing(self.run_dir / "best.pt", self.data.val, device=self.fabric.device)
             atomic_write_text(self.run_dir / "result.json", json.dumps(summary, indent=1))
         return result
