@@ -208,11 +208,16 @@ def _worker_init(_: int) -> None:
 
 def make_train_loader(dataset: PatchDataset, batch_size: int, *, start_step: int = 0, rank: int = 0,
                       world_size: int = 1, num_workers: int = 2) -> DataLoader:
-    """A loader that prefetches batches in ``num_workers`` processes while the model trains."""
+    """A loader that prefetches batches in ``num_workers`` processes while the model trains.
+
+    It has its own generator: creating its iterator draws a seed, which from the global torch RNG would
+    shift every later global draw of a resumed run (whose iterator starts at the resume step) by one.
+    """
     sampler = StepSampler(batch_size, start_step, rank, world_size)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
+        generator=torch.Generator().manual_seed(dataset.seed),
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None,
         persistent_workers=False,

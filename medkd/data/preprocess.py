@@ -265,9 +265,17 @@ def _check_values(case: Case, dataset: DatasetInfo, image: np.ndarray, label: np
         raise DatasetError(f"case {case.case_id} ({case.label_file}): {why}; not cached")
 
 
+def _single_threaded() -> None:
+    """Initialiser of the preprocessing pool's workers: one intra-op thread each (the pool is the parallelism).
+
+    Only the workers: the main process keeps its thread count, which a training run's numerics depend on
+    (a run that preprocessed in-process used to train on 1 thread, its resume on all of them).
+    """
+    torch.set_num_threads(1)
+
+
 def _preprocess_and_store(args: tuple[Case, DatasetInfo, PreprocessingPlan, Path]) -> dict[str, Any]:
     case, dataset, plan, folder = args
-    torch.set_num_threads(1)
     files = case_files(folder, case.case_id)
     image, label, geometry = read_case(case, dataset)
     image_pp, label_pp, props = preprocess_arrays(image, label, geometry, plan)
@@ -351,7 +359,7 @@ class PreprocessedStore:
         if todo:
             jobs = [(case, self.dataset, self.plan, self.folder) for case in todo]
             if num_workers > 1 and len(todo) > 1:
-                with ProcessPoolExecutor(max_workers=num_workers) as pool:
+                with ProcessPoolExecutor(max_workers=num_workers, initializer=_single_threaded) as pool:
                     results = list(pool.map(_preprocess_and_store, jobs))
             else:
                 results = [_preprocess_and_store(job) for job in jobs]

@@ -292,7 +292,8 @@ def distill_task_factory(config: RunConfig):
     ``distill.teacher`` is one checkpoint or a teacher set (``teachers.json`` or its folder). When the
     recipe allows it (:attr:`medkd.recipes.Recipe.uses_cache`) the combined teacher target of every
     training case is computed once into the teacher-output cache and the teachers never run during
-    training. Every DDP rank checks (and if needed fills) the cache; entries are written atomically.
+    training. In a DDP run the trainer builds rank 0's task first (filling the cache), then the other
+    ranks' (reading it); entries are written atomically.
     """
     from medkd.recipes import recipe_from_dict
 

@@ -43,6 +43,7 @@ from medkd.config import ConfigError, RunConfig, save_config
 from medkd.data.loaders import PatchDataset, make_train_loader
 from medkd.engine.data_setup import TrainingData, prepare_training_data
 from medkd.engine.preemption import IgnoreStopSignals, StopSignals, TrainingInterrupted
+from medkd.engine.ranks import agree_on_run_dir, weight_digests
 from medkd.engine.run_dir import CSVLog, RunClaim, check_run_dir, claim_run_dir, trim_log
 from medkd.engine.run_dir import RunDirError  # noqa: F401  (re-exported: callers catch it from here)
 from medkd.engine.tasks import SupervisedTask
@@ -64,6 +65,7 @@ class TrainResult:
     best_metric: float
     best_step: int
     last_val: list[float]
+    global_rank: int = 0  # of the process that returns it (a DDP run returns one per rank)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
@@ -126,7 +128,7 @@ class Trainer:
         if not fabric.is_global_zero:  # the cache is filled now: this only reads it
             self.data = prepare_training_data(cfg.data, seed=cfg.train.seed, check=False, with_unlabeled=distilling)
         fabric.seed_everything(cfg.train.seed, verbose=False)
-        task = self.task_factory(self._network(), self.data, cfg)
+        task = self._task()
         params = [p for p in task.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, cfg.train)
         self.state = {"step": 0, "elapsed_s": 0.0, "best_metric": -math.inf, "best_step": 0, "last_val": []}
@@ -136,6 +138,13 @@ class Trainer:
             self._claim()
         self.task, self.optimizer = fabric.setup(task, optimizer)
         self.raw_task = task
+
+    def _task(self) -> nn.Module:
+        """The task (same initial weights on every rank), built by rank 0 first, so that the other ranks only
+        read what it writes on the way (the teacher-output cache)."""
+        task = self.task_factory(self._network(), self.data, self.config) if self.fabric.is_global_zero else None
+        self.fabric.barrier()
+        return task if task is not None else self.task_factory(self._network(), self.data, self.config)
 
     def _network(self) -> nn.Module:
         cfg = self.config
@@ -164,6 +173,11 @@ class Trainer:
         task.extra_modules().load_state_dict(ckpt["extra_state"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
+        threads = ckpt.get("num_threads")  # CPU sums split by thread: another count, other last bits
+        if threads and threads != torch.get_num_threads() and self.fabric.device.type == "cpu":
+            log.warning("%s was trained with %d intra-op threads, this resume has %d: the weights will differ from "
+                        "an uninterrupted run's in the last bits (set train.num_threads)", self.run_dir / "last.pt",
+                        threads, torch.get_num_threads())
         for key in self.state:
             self.state[key] = ckpt[key]
         log.info("resumed %s at step %d", self.run_dir, self.state["step"])
@@ -180,6 +194,7 @@ class Trainer:
             "extra_state": task.extra_modules().state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "num_threads": torch.get_num_threads(),
             "preprocessing": {"plan": self.data.plan.to_dict(), "patch_size": list(self.config.data.patch_size)},
             "labels": dict(self.data.dataset.labels),
             "config": self.config.to_yaml_dict(),
@@ -236,6 +251,7 @@ class Trainer:
         SIGINT while training writes ``last.pt`` and raises :class:`TrainingInterrupted`.
         """
         self.fabric.launch()
+        self.run_dir = agree_on_run_dir(self.fabric, self.run_dir)
         self.claim: RunClaim | None = None
         self.checkpointed = self.resume  # whether run_dir holds a last.pt to resume from
         self.stops = StopSignals()
@@ -352,27 +368,19 @@ class Trainer:
         return tqdm(total=total_steps, initial=step, desc=f"train {self.run_dir.name}", unit="step",
                     mininterval=1.0, dynamic_ncols=True)
 
-    def _ranks_in_sync(self) -> bool:
-        """Whether every DDP rank ends with bit-identical network weights (gathers them once)."""
-        if self.fabric.world_size == 1:
-            return True
-        flat = torch.cat([p.detach().float().flatten() for p in self.raw_task.network.parameters()])
-        gathered = self.fabric.all_gather(flat)
-        return bool(all(torch.equal(gathered[0], g) for g in gathered[1:]))
-
     def _finish(self, step: int) -> TrainResult:
-        in_sync = self._ranks_in_sync()
+        digests = weight_digests(self.fabric, [self.raw_task.network, self.raw_task.extra_modules()])
         if step % self.config.train.val_every != 0 or not self.state["last_val"]:
             self._validate(step)
         self._checkpoint("last.pt")
         if self.fabric.is_global_zero and not (self.run_dir / "best.pt").exists():
             self._checkpoint("best.pt")
         result = TrainResult(self.run_dir, step, self.state["elapsed_s"], self.state["best_metric"],
-                             self.state["best_step"], self.state["last_val"])
+                             self.state["best_step"], self.state["last_val"], self.fabric.global_rank)
         if self.fabric.is_global_zero:
-            summary = {**result.__dict__, "run_dir": str(self.run_dir),
-                       "class_names": self.data.dataset.class_names[1:], "world_size": self.fabric.world_size,
-                       "ranks_in_sync": in_sync}
+            summary = {**{k: v for k, v in result.__dict__.items() if k != "global_rank"},
+                       "run_dir": str(self.run_dir), "class_names": self.data.dataset.class_names[1:],
+                       "world_size": self.fabric.world_size, "ranks_in_sync": len(set(digests)) == 1, "rank_weight_sha256": digests}
             decide_run_postprocessing(self.run_dir / "best.pt", self.data.val, device=self.fabric.device)
             atomic_write_text(self.run_dir / "result.json", json.dumps(summary, indent=1))
         return result

@@ -54,8 +54,9 @@ class SupervisedInfoNCELoss(nn.Module):
     ``1x1 conv -> ReLU -> 1x1 conv`` (hidden width = input channels, SimCLR/SupCon style), applied
     to the sampled voxels only (identical to applying them densely).
 
-    Sampling: a ``torch.Generator`` seeded with ``seed`` (created once, so successive calls draw
-    different voxels but a run is reproducible); without ``seed`` the global RNG is used. The
+    Sampling: a ``torch.Generator`` seeded with ``seed`` whose state is the buffer ``sampler_state``
+    (successive calls draw different voxels, a run is reproducible, and a checkpoint holds where the
+    stream stands, so a resumed run draws on exactly); without ``seed`` the global RNG is used. The
     indices used at each scale by the last call are kept in ``last_indices``.
 
     Args:
@@ -92,8 +93,19 @@ class SupervisedInfoNCELoss(nn.Module):
         self.temperature, self.samples_per_class = float(temperature), int(samples_per_class)
         self.weights = resolve_weights(weights, len(student_channels))
         self.seed = seed
-        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        if seed is not None:
+            self.register_buffer("sampler_state", torch.Generator().manual_seed(int(seed)).get_state())
         self.last_indices: list[torch.Tensor] = []
+
+    def _random_keys(self, count: int) -> torch.Tensor:
+        """``count`` uniform numbers from the seeded stream (advancing ``sampler_state``) or the global RNG."""
+        if self.seed is None:
+            return torch.rand(count)
+        generator = torch.Generator()
+        generator.set_state(self.sampler_state.cpu())
+        keys = torch.rand(count, generator=generator)
+        self.sampler_state.copy_(generator.get_state())
+        return keys
 
     def sample_indices(self, label_small: torch.Tensor) -> torch.Tensor:
         """Flat indices into ``B * N`` (sorted) of up to ``samples_per_class`` random voxels per
@@ -105,7 +117,7 @@ class SupervisedInfoNCELoss(nn.Module):
         labels = label_small.detach().reshape(label_small.shape[0], -1).long().cpu()
         batch, voxels = labels.shape
         group = (torch.arange(batch).unsqueeze(1) * (int(labels.max()) + 1) + labels).reshape(-1)
-        keys = torch.rand(group.numel(), generator=self.generator)
+        keys = self._random_keys(group.numel())
         order = torch.argsort(keys)
         order = order[torch.argsort(group[order], stable=True)]  # grouped, random order inside a group
         sorted_groups = group[order]

@@ -83,12 +83,17 @@ def train_run(config: RunConfig, run_dir: str | Path | None = None) -> TrainResu
     Returns the trainer's result (None on non-zero ranks of a distributed run).
     """
     run_dir = run_dir or default_run_dir(config.model.name, config.model.preset)
-    return train(config, run_dir)
+    return _rank_zero(train(config, run_dir))
 
 
 def resume_run(run_dir: str | Path) -> TrainResult | None:
-    """Continue the run in ``run_dir`` from its ``last.pt``, with the config stored there."""
-    return train(None, run_dir, resume=True)
+    """Continue the run in ``run_dir`` from its ``last.pt``, with the config stored there (None on non-zero ranks)."""
+    return _rank_zero(train(None, run_dir, resume=True))
+
+
+def _rank_zero(result: TrainResult) -> TrainResult | None:
+    """``result`` in the process of rank 0; None in the other ranks of a distributed run (they report nothing)."""
+    return result if result.global_rank == 0 else None
 
 
 def run_from_options(options: Mapping[str, Any], defaults: Mapping[str, Any] | None = None,

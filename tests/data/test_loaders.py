@@ -85,3 +85,14 @@ def testcrop_or_pad():
     assert out.shape == (1, 3, 3)
     np.testing.assert_array_equal(out[0, 0], [0, 0, 0])
     np.testing.assert_array_equal(out[0, 1], [2, 3, 0])
+
+
+def test_starting_the_loader_leaves_the_global_rng_alone(cases_3d):
+    """A resumed run starts its loader at the resume step; a draw from the global RNG there used to
+    shift every later global draw (e.g. unseeded contrastive voxel sampling) against the uninterrupted run."""
+    ds = PatchDataset(cases_3d, spatial_dims=3, patch_size=(8, 16, 16), seed=1)
+    torch.manual_seed(0)
+    iter(make_train_loader(ds, 2, num_workers=0))
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))

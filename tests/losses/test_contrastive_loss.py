@@ -139,3 +139,14 @@ def test_input_checks():
         SupervisedInfoNCELoss([3], [5], 2, temperature=0.0)
     with pytest.raises(ValueError, match="equal length"):
         SupervisedInfoNCELoss([3, 4], [5], 2)
+
+
+def test_seeded_sampling_state_is_in_the_state_dict():
+    """A loss rebuilt from a checkpoint draws on where the saved one stood (not from the seed again)."""
+    label = torch.randint(0, 3, (2, 1, 6, 7), generator=torch.Generator().manual_seed(0))
+    loss = SupervisedInfoNCELoss([2], [2], 2, samples_per_class=4, seed=11)
+    loss.sample_indices(label)
+    restored = SupervisedInfoNCELoss([2], [2], 2, samples_per_class=4, seed=11)
+    restored.load_state_dict(loss.state_dict())
+    assert torch.equal(restored.sample_indices(label), loss.sample_indices(label))
+    assert "sampler_state" not in SupervisedInfoNCELoss([2], [2], 2).state_dict()  # unseeded: the global RNG
