@@ -304,13 +304,14 @@ def export_cmd(
 
 @app.command("postprocess")
 def postprocess_cmd(
-    run_dir: Annotated[Path, typer.Option(help="a training run folder (config.yaml, best.pt)")],
+    run_dir: Annotated[Path, typer.Option(help="a training run folder (config.yaml, best.pt) or a teacher set")],
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
 ) -> None:
     """(Re)decide the post-processing of a run on its validation cases; writes RUN_DIR/postprocessing.json.
 
     nnU-Net's rule: keep only the largest connected component (all foreground as one, then per class)
-    where that raises the validation Dice. `medkd predict` applies it to this run's best.pt.
+    where that raises the validation Dice. `medkd predict` applies it to this run's best.pt. For a teacher
+    set (a folder with teachers.json) it is decided on the ensemble's combined predictions.
     """
     from medkd.workflows.postprocess import decide_and_report
 

@@ -12,9 +12,12 @@ image's original grid before they are combined, as nnU-Net does when it ensemble
 Members may therefore differ in architecture, patch size, 2D/3D mode or normalisation statistics;
 they must share the labels (and so the number of classes) and the input channels.
 
-No post-processing: a member's ``postprocessing.json`` was decided on that member's own validation
-predictions, not on the combined ones, so the ensemble's segmentation is the plain argmax of the
-combined probabilities (nnU-Net likewise decides post-processing separately for an ensemble).
+Post-processing: a member's ``postprocessing.json`` was decided on that member's own validation
+predictions, not on the combined ones, so it is never applied to the ensemble. As nnU-Net does for an
+ensemble, the set has its own decision, made on the combined predictions of the validation cases
+(:func:`medkd.engine.validation.decide_set_postprocessing`, written beside ``teachers.json`` at the
+end of ``train-teachers`` or by ``medkd postprocess --run-dir SET``); it is applied only while it
+names the set's current members (checkpoint file and step), otherwise the argmax is used.
 
 Combination rules for member probabilities ``p_m`` ``(K, *spatial)``, ``m = 1..M``:
 
@@ -38,6 +41,7 @@ statistics (:class:`MemberStatistics`): Welford's running mean and sum of square
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -45,7 +49,8 @@ import numpy as np
 import torch
 
 from medkd.data.io import Geometry
-from medkd.engine.inference import Predictor, read_case, segmentation
+from medkd.engine.inference import CaseSegmenter, Predictor, read_case
+from medkd.engine.postprocess import POSTPROCESSING_FILE, Postprocessing, read_postprocessing
 from medkd.teachers.manifest import ManifestError, TeacherSet, is_manifest, load_manifest, open_teachers
 
 __all__ = ["ENSEMBLE_RULES", "EnsemblePredictor", "MemberStatistics", "load_predictor"]
@@ -54,6 +59,12 @@ __all__ = ["ENSEMBLE_RULES", "EnsemblePredictor", "MemberStatistics", "load_pred
 ENSEMBLE_RULES: tuple[str, ...] = ("mean_prob", "mean_logits")
 
 _TINY = torch.finfo(torch.float32).tiny
+log = logging.getLogger(__name__)
+
+
+def set_postprocessing_path(teachers: TeacherSet) -> Path:
+    """Where a teacher set's own post-processing decision lives: ``postprocessing.json`` beside its manifest."""
+    return Path(teachers.source).parent / POSTPROCESSING_FILE
 
 
 def check_rule(rule: str) -> str:
@@ -134,7 +145,7 @@ class MemberStatistics:
         return (self._m2 / self.count).clamp_min_(0).sqrt_().mean(dim=0)
 
 
-class EnsemblePredictor:
+class EnsemblePredictor(CaseSegmenter):
     """A teacher set predicting as one model: members' probabilities on the original grid, combined.
 
     Args:
@@ -152,7 +163,8 @@ class EnsemblePredictor:
     """
 
     def __init__(self, teachers: TeacherSet | str | Path, device: str = "cpu", tta: bool = False,
-                 amp: bool = False, combine: str = "mean_prob", whole_slice: bool | None = None) -> None:
+                 amp: bool = False, combine: str = "mean_prob", whole_slice: bool | None = None,
+                 postprocess: bool = True) -> None:
         self.teachers = teachers if isinstance(teachers, TeacherSet) else open_teachers(teachers)
         self.combine = check_rule(combine)
         self.labels: dict[str, int] = dict(self.teachers.labels)
@@ -161,6 +173,22 @@ class EnsemblePredictor:
         for member, predictor in zip(self.teachers.members, self.members):
             self._check_member(member.name, predictor)
         self._plan_keys = [p.plan.fingerprint() for p in self.members]
+        self.postprocessing: Postprocessing | None = self._set_postprocessing() if postprocess else None
+
+    @property
+    def member_keys(self) -> list[list[Any]]:
+        """``[name, checkpoint file, step]`` per member: what a set's post-processing decision was made for."""
+        return [[m.name, m.checkpoint.name, p.step] for m, p in zip(self.teachers.members, self.members)]
+
+    def _set_postprocessing(self) -> Postprocessing | None:
+        path = set_postprocessing_path(self.teachers)
+        if Path(self.teachers.source).suffix != ".json" or not path.is_file():  # not a set: no set decision
+            return None
+        record = read_postprocessing(path)
+        if record.get("members") != self.member_keys:
+            log.warning("%s was decided for other members (%s); not applied", path, record.get("members"))
+            return None
+        return Postprocessing.from_record(record, str(path))
 
     def _check_member(self, name: str, member: Predictor) -> None:
         where = f"{self.teachers.source}: member {name!r} ({member.checkpoint})"
@@ -216,10 +244,6 @@ class EnsemblePredictor:
         stats = self._statistics(image, geometry, spread=True)
         return stats.combined().numpy(), stats.voxel_uncertainty().numpy()
 
-    def segment(self, probabilities: np.ndarray) -> np.ndarray:
-        """Label map (*spatial) uint8: the argmax of combined probabilities (no post-processing, see above)."""
-        return segmentation(probabilities)
-
     def predict_files(self, image_files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, Geometry]:
         """Segmentation and combined probabilities for one case given its channel files."""
         image, geometry = read_case(image_files)
@@ -234,14 +258,14 @@ def load_predictor(path: str | Path, *, device: str = "cpu", tta: bool = False, 
 
     ``path`` is a checkpoint (``best.pt``), a ``teachers.json`` or a folder holding one. A single
     checkpoint predicts exactly as before (``combine`` is checked but has nothing to combine) and
-    applies its ``postprocessing.json`` unless ``postprocess=False``; a teacher set never
-    post-processes. ``whole_slice`` (``None``: as each run did) applies to every model.
+    applies its ``postprocessing.json`` unless ``postprocess=False``; so does a teacher set, with the
+    decision made for the set (module docstring). ``whole_slice`` (``None``: as each run did) applies to every model.
     """
     check_rule(combine)
     path = Path(path)
     if is_manifest(path):
         return EnsemblePredictor(load_manifest(path), device=device, tta=tta, amp=amp, combine=combine,
-                                 whole_slice=whole_slice)
+                                 whole_slice=whole_slice, postprocess=postprocess)
     if not path.is_file():
         raise ManifestError(f"model not found: {path} (expected a checkpoint .pt, a teachers.json or a folder "
                             "holding one)")

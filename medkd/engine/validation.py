@@ -16,10 +16,13 @@ from torch import nn
 from medkd.config import ConfigError, RunConfig, load_config
 from medkd.data.dataset import load_dataset
 from medkd.data.preprocess import PreprocessedCase, PreprocessedStore, PreprocessingPlan
+from medkd.data.io import read_image
 from medkd.engine.data_setup import split_case_ids
+from medkd.engine.ensemble import EnsemblePredictor, set_postprocessing_path
 from medkd.engine.inference import Predictor, predict_probabilities, segmentation
 from medkd.engine.postprocess import POSTPROCESSING_FILE, decide_postprocessing, write_postprocessing
 from medkd.storage import load_checkpoint
+from medkd.teachers.manifest import TeacherSet, is_manifest
 
 
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -97,10 +100,36 @@ def run_validation_cases(config: RunConfig, checkpoint: str | Path,
     return store.ensure([dataset.case(i) for i in val_ids], num_workers=max(1, config.data.num_workers))
 
 
+def decide_set_postprocessing(teachers: TeacherSet | str | Path, *, device: str = "cpu") -> dict[str, Any]:
+    """Decide a teacher set's own post-processing on its combined predictions and write it beside the manifest.
+
+    The validation cases are those of the first member's run (``config.yaml`` beside its checkpoint),
+    predicted from the raw files as ``medkd predict`` does (original grid, no TTA). The record names
+    the members (``[name, checkpoint file, step]``) it was decided for; an :class:`EnsemblePredictor`
+    applies it only to those.
+    """
+    predictor = EnsemblePredictor(teachers, device=device, postprocess=False)
+    config = load_config(predictor.teachers.members[0].checkpoint.parent / "config.yaml")
+    dataset = load_dataset(config.data.dataset)
+    _, val_ids = split_case_ids(config.data, dataset, seed=config.train.seed)
+    predictions, references = [], []
+    for case in (dataset.case(i) for i in val_ids):
+        predictions.append(predictor.predict_files(case.image_files)[0])
+        references.append(read_image(case.label_file)[0])
+    record = {"members": predictor.member_keys, "cases": val_ids,
+              **decide_postprocessing(predictions, references, predictor.labels)}
+    write_postprocessing(set_postprocessing_path(predictor.teachers), record)
+    return record
+
+
 def postprocess_run(run_dir: str | Path, *, device: str = "cpu", output: str | Path | None = None) -> dict[str, Any]:
     """(Re)decide the post-processing of the run in ``run_dir`` for its ``best.pt`` on its validation
-    cases (``run_dir/config.yaml``); writes ``run_dir/postprocessing.json`` unless ``output`` is given."""
+    cases (``run_dir/config.yaml``); writes ``run_dir/postprocessing.json`` unless ``output`` is given.
+    A teacher-set folder (holding ``teachers.json``) gets the set's decision
+    (:func:`decide_set_postprocessing`; ``output`` does not apply)."""
     run_dir = Path(run_dir)
+    if is_manifest(run_dir) and run_dir.is_dir():
+        return decide_set_postprocessing(run_dir, device=device)
     checkpoint = run_dir / "best.pt"
     cases = run_validation_cases(load_config(run_dir / "config.yaml"), checkpoint)
     return decide_run_postprocessing(checkpoint, cases, device=device, output=output)

@@ -24,7 +24,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from medkd.engine.ensemble import set_postprocessing_path
 from medkd.engine.trainer import RunDirError, train
+from medkd.engine.validation import decide_set_postprocessing
 from medkd.storage import atomic_write_text, load_checkpoint
 from medkd.teachers.manifest import MANIFEST_NAME, TeacherMember, TeacherSet, load_manifest
 from medkd.workflows.teacher_plan import (MemberPlan, TeacherPlan, TeacherPlanError, make_plan, plan_differences,
@@ -147,7 +149,14 @@ def train_teacher_set(out: str | Path, plan: TeacherPlan | None = None, *,
         _train_member(plan, member, member_dir(out, member), main)
         if main:
             write_manifest(out, plan)
-    return load_manifest(out) if main else None
+    if not main:
+        return None
+    teachers = load_manifest(out)
+    # the ensemble's own post-processing, as nnU-Net decides it for an ensemble (once; stale ones are ignored
+    # with a warning when predicting, and `medkd postprocess --run-dir SET` decides again)
+    if len(teachers.members) > 1 and not set_postprocessing_path(teachers).is_file():
+        decide_set_postprocessing(teachers)
+    return teachers
 
 
 def run_teacher_set(out: str | Path | None, kind: str | None = None, config: str | Path | None = None,

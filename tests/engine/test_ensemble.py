@@ -107,6 +107,28 @@ def test_a_set_of_one_is_the_single_checkpoint(two_2d, tmp_path):
     assert isinstance(load_predictor(tmp_path / "teachers.json"), EnsemblePredictor)
 
 
+def test_a_set_applies_its_own_postprocessing_while_it_names_its_members(two_2d, tmp_path, caplog):
+    from medkd.engine.inference import segmentation
+    from medkd.engine.postprocess import Postprocessing, write_postprocessing
+
+    a, b, (image, geometry), labels = two_2d
+    folder = _teacher_set(tmp_path, [a, b], labels)
+    assert EnsemblePredictor(folder).postprocessing is None  # nothing decided yet: plain argmax
+    classes = {name: {"label": value, "applied": True, "dice_without": 0.5, "dice_with": 0.6}
+               for name, value in labels.items() if value}
+    record = {"members": EnsemblePredictor(folder).member_keys, "classes": classes,
+              "foreground_as_one": {"applied": True, "dice_without": 0.5, "dice_with": 0.6}}
+    write_postprocessing(folder / "postprocessing.json", record)
+    predictor = EnsemblePredictor(folder)
+    probs = predictor.predict_arrays(image, geometry)
+    expected = Postprocessing.from_record(record).apply(segmentation(probs))
+    assert np.array_equal(predictor.segment(probs), expected)
+    assert load_predictor(folder, postprocess=False).postprocessing is None
+    write_postprocessing(folder / "postprocessing.json", {**record, "members": [["t0", "other.pt", 7]]})
+    assert EnsemblePredictor(folder).postprocessing is None and "decided for other members" in caplog.text
+    assert EnsemblePredictor(a).postprocessing is None  # a single checkpoint is not a set
+
+
 def test_member_with_other_labels_is_named(two_2d, phantoms_2d, tmp_path):
     a, _, _, labels = two_2d
     renamed = {("tumour" if name == "lesion" else name): v for name, v in labels.items()}

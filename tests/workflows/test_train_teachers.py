@@ -8,6 +8,7 @@ import pytest
 
 import medkd.workflows.train_teachers as tt
 from medkd.config import build_config
+from medkd.engine.ensemble import EnsemblePredictor
 from medkd.engine.trainer import RunDirError
 from medkd.teachers.manifest import load_manifest, open_teachers
 from medkd.workflows.teacher_plan import (
@@ -190,6 +191,9 @@ def test_cli_trains_a_grouped_subset_set_and_resumes(phantoms_2d, tmp_path):
     assert teachers.kind == "subset" and [m.name for m in teachers.members] == ["subset0", "subset1"]
     assert not set(teachers.members[0].cases) & set(teachers.members[1].cases)
     assert "best val Dice" in first.output and "teachers.json" in first.output
+    decision = json.loads((out / "postprocessing.json").read_text())  # the ensemble's own, on its predictions
+    assert [m[0] for m in decision["members"]] == ["subset0", "subset1"] and decision["num_cases"] >= 1
+    assert EnsemblePredictor(out).member_keys == decision["members"]
     again = _cli(phantoms_2d, tmp_path, "--kind", "subset", "--subsets", "2", "--group-by", "site", "--out", str(out))
     assert again.exit_code == 1 and "already exists" in again.output and str(out) in again.output
     resumed = CliRunner().invoke(app, ["train-teachers", "--resume", "--out", str(out)])
