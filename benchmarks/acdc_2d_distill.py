@@ -32,7 +32,7 @@ from medkd.evaluation.report import comparison_table, write_csv, write_json
 from medkd.evaluation.stats import case_mean_dice, mean_over_runs, paired_comparison
 from medkd.recipes import list_recipes, load_recipe
 
-from acdc_2d_supervised import DEFAULT_DATA, run_config, test_scores
+from acdc_2d_supervised import DEFAULT_DATA, newest_input, run_config, test_scores
 
 CLASSES = ("RV", "MYO", "LV")
 
@@ -68,9 +68,7 @@ def scored(data: Path, out: Path, name: str, run_dir: Path, tree: dict | None) -
     ``tree`` None scores an existing run (e.g. the teacher) without training.
     """
     result = train_once(tree, run_dir) if tree is not None else json.loads((run_dir / "result.json").read_text())
-    decided = [p for p in (run_dir / "best.pt", run_dir / "postprocessing.json") if p.is_file()]
-    newest = max(decided, key=lambda p: p.stat().st_mtime)  # a later post-processing decision re-scores
-    row = test_scores(name, Predictor(run_dir / "best.pt"), data, out, reuse_after=newest)
+    row = test_scores(name, Predictor(run_dir / "best.pt"), data, out, reuse_after=newest_input(run_dir / "best.pt"))
     per_case = case_mean_dice(out / "predictions" / name / "evaluation" / "per_case.csv")
     return {**row, "steps": result["steps"], "val_dice": result["best_metric"], "per_case": per_case,
             "s_per_step": result["elapsed_s"] / max(result["steps"], 1)}

@@ -48,6 +48,13 @@ def run_config(dataset: Path, preset: str, minutes: float, cache: Path, seed: in
     return tree
 
 
+def newest_input(model: Path) -> Path:
+    """The newest file a stored evaluation of ``model`` (a checkpoint or a teacher set's ``teachers.json``)
+    depends on: the model or the ``postprocessing.json`` beside it (a later decision means re-scoring)."""
+    inputs = [p for p in (model, model.parent / "postprocessing.json") if p.is_file()]
+    return max(inputs, key=lambda p: p.stat().st_mtime)
+
+
 def test_scores(name: str, predictor, dataset_root: Path, out: Path, reuse_after: Path | None = None) -> dict:
     """Mean and per-class Dice / HD95 of ``predictor`` (a model or a teacher set) on the 40 test cases.
 

@@ -34,7 +34,7 @@ from medkd.workflows.teacher_plan import make_plan
 from medkd.workflows.train_teachers import train_teacher_set
 
 from acdc_2d_distill import student_config, train_once
-from acdc_2d_supervised import DEFAULT_DATA, run_config, test_scores
+from acdc_2d_supervised import DEFAULT_DATA, newest_input, run_config, test_scores
 
 CLASSES = ("RV", "MYO", "LV")
 SETS = {"uniform": {"members": 3}, "diverse": {}, "subset": {"subsets": 3}}
@@ -62,7 +62,7 @@ def train_sets(args) -> dict[str, Path]:
 def score(args, name: str, path: Path, cache: dict) -> dict:
     if name not in cache:
         checkpoint = path if path.suffix == ".pt" else path / "teachers.json"
-        cache[name] = test_scores(name, load_predictor(path), args.data, args.out, reuse_after=checkpoint)
+        cache[name] = test_scores(name, load_predictor(path), args.data, args.out, reuse_after=newest_input(checkpoint))
     return cache[name]
 
 
@@ -74,7 +74,7 @@ def student(args, name: str, seed: int, teacher: Path | None, recipe: str | None
                           val_every=args.student_steps // 2, teacher=teacher, recipe=recipe)
     result = train_once(tree, run_dir)
     row = test_scores(f"student_{name}_seed{seed}", load_predictor(run_dir / "best.pt"), args.data, args.out,
-                      reuse_after=run_dir / "best.pt")
+                      reuse_after=newest_input(run_dir / "best.pt"))
     return {**row, "seed": seed, "steps": result["steps"], "s_per_step": result["elapsed_s"] / result["steps"]}
 
 
