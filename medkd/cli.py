@@ -363,6 +363,18 @@ def demo_cmd(
     run_demo(out, teacher_steps=teacher_steps, student_steps=student_steps, console=console)
 
 
+@app.command("experiment")
+def experiment_cmd(
+    study: Annotated[Path, typer.Argument(help="study file (YAML), see medkd/workflows/study.py")],
+    out: Annotated[Optional[Path], typer.Option(help="study folder (default: beside STUDY, named after it)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="list the runs, what is left and an estimate of the cost")] = False,
+) -> None:
+    """Every student x recipe (+ labels-only) x seed x budget of a study; results/runs/summary.csv. Restartable."""
+    from medkd.workflows.experiment import run_study
+
+    run_study(study, out, dry_run=dry_run, console=console)
+
+
 guard_commands(app, err_console)  # every command: one line and an exit code on an expected error
 
 
