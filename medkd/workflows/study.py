@@ -138,6 +138,15 @@ class Study(_Strict):
     unlabeled: list[Path] = Field(default_factory=list)
     latency_cases: int = Field(5, ge=1)
 
+    @field_validator("data", "train")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, Any], info: Any) -> dict[str, Any]:
+        for key in value:
+            if f"{info.field_name}.{key}" in RESERVED:
+                raise ValueError(f"{info.field_name}.{key} is set by the study: use "
+                                 f"`{RESERVED[info.field_name + '.' + key]}`")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "Study":
         for what, values in (("students", [s.name for s in self.students]), ("seeds", self.seeds),
@@ -145,10 +154,6 @@ class Study(_Strict):
             dupes = sorted({str(v) for v in values if values.count(v) > 1})
             if dupes:
                 raise ValueError(f"{what} lists {', '.join(dupes)} more than once")
-        for section in ("data", "train"):
-            for key in getattr(self, section):
-                if f"{section}.{key}" in RESERVED:
-                    raise ValueError(f"{section}.{key} is set by the study: use `{RESERVED[section + '.' + key]}`")
         if any(not 0 < f <= 1 for f in self.labeled_fractions or []):
             raise ValueError(f"labeled_fractions must lie in (0, 1], got {self.labeled_fractions}")
         if any(n < 1 for n in self.labeled_cases or []):

@@ -1,0 +1,104 @@
+"""A tiny study on phantoms runs end to end, is killed part-way (between runs and inside one) and resumes
+without repeating finished work; its CSVs hold every run, case and class."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from rich.console import Console
+
+from medkd.workflows.experiment import run_study
+
+RECIPES = ("logit-kd", "balanced-kd")
+
+
+def _study_file(tmp_path, dataset) -> str:
+    tree = {"name": "tiny", "dataset": str(dataset),
+            "data": {"mode": "2d", "patch_size": [64, 64], "batch_size": 4, "num_workers": 0},
+            "train": {"val_every": 1000, "checkpoint_every": 3, "log_every": 1, "progress": False,
+                      "tensorboard": False, "num_threads": 1},
+            "teacher": {"model": {"name": "unet", "preset": "student"}, "steps": 4},
+            "students": [{"name": "tiny", "model": {"name": "unet", "shrink": 4}}],
+            "recipes": list(RECIPES), "seeds": [0, 1], "budgets": [{"steps": 4}],
+            "labeled_cases": [4], "latency_cases": 1}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+class Recorder:
+    """Trainer callback: the steps each run trains in this call; raises KeyboardInterrupt after ``stop_at``."""
+
+    def __init__(self, seen: dict, run_id: str, stop_at: int | None = None):
+        self.seen, self.run_id, self.stop_at = seen, run_id, stop_at
+
+    def on_step_end(self, trainer, step, terms):
+        self.seen.setdefault(self.run_id, []).append(step)
+        if step == self.stop_at:
+            raise KeyboardInterrupt  # a killed run: last.pt was written at step 3 (checkpoint_every)
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_study_runs_is_killed_and_resumes_without_repeating_work(phantoms_2d, tmp_path):
+    study, out = _study_file(tmp_path, phantoms_2d), tmp_path / "out"
+    console = Console(width=200, record=True)
+    run_study(study, out, dry_run=True, console=console)
+    assert "7 run(s) to train" in console.export_text() and not out.exists()
+
+    # first attempt: killed inside the 4th run (teacher, labels-only, logit-kd of seed 0 are finished)
+    seen: dict[str, list[int]] = {}
+    order: list[str] = []
+
+    def killing(run):
+        order.append(run.run_id)
+        return [Recorder(seen, run.run_id, stop_at=3 if len(order) == 4 else None)]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, out, console=console, callbacks=killing)
+    finished = order[:3]
+    killed = order[3]
+    assert killed == "tiny__balanced-kd__steps4__cases4__seed0"
+    stamps = {r: (out / "runs" / r / "result.json").stat().st_mtime_ns for r in finished}
+    assert (out / "runs" / killed / "last.pt").is_file() and not (out / "runs" / killed / "result.json").exists()
+
+    # restart: finished runs are neither trained nor evaluated again; the killed one resumes after step 3
+    seen.clear()
+    evaluated = []
+    run_study(study, out, console=console, callbacks=lambda run: [Recorder(seen, run.run_id)],
+              after_run=lambda run: evaluated.append(run.run_id))
+    assert not set(finished) & set(seen) and not set(finished) & set(evaluated)
+    assert seen[killed] == [4] and all(steps == [1, 2, 3, 4] for r, steps in seen.items() if r != killed)
+    assert len(evaluated) == 4
+    assert stamps == {r: (out / "runs" / r / "result.json").stat().st_mtime_ns for r in finished}
+
+    runs = _rows(out / "runs.csv")
+    assert len(runs) == 7 and {r["method"] for r in runs} == {"teacher", "labels-only", *RECIPES}
+    assert all(int(r["steps"]) == 4 and float(r["latency_ms"]) > 0 and int(r["macs"]) > 0 for r in runs)
+    results = _rows(out / "results.csv")
+    assert len(results) == 7 * 2 * 4  # runs x test cases x classes
+    assert {"dice", "hd95", "asd"} <= set(results[0])
+    summary = {r["method"]: r for r in _rows(out / "summary.csv")}
+    assert set(summary) == {"teacher", "labels-only", *RECIPES}
+    for recipe in RECIPES:
+        row = summary[recipe]
+        assert row["seeds"] == "2" and row["n_cases"] == "2" and row["p_holm"] and row["view"] == "equal steps"
+        assert float(row["delta_ci_low"]) <= float(row["delta"]) <= float(row["delta_ci_high"])
+    killed_config = yaml.safe_load((out / "runs" / killed / "config.yaml").read_text())
+    assert killed_config["data"]["labeled_cases"] == 4 and killed_config["distill"]["recipe"]["name"] == "balanced-kd"
+
+    # a third call repeats nothing and the dry run says so
+    seen.clear()
+    run_study(study, out, console=console, callbacks=lambda run: [Recorder(seen, run.run_id)])
+    assert seen == {}
+    console = Console(width=200, record=True)
+    run_study(study, out, dry_run=True, console=console)
+    assert "0 run(s) to train" in console.export_text()
+    assert json.loads((out / "eval" / killed / "run.json").read_text())["steps"] == 4
