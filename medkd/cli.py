@@ -372,6 +372,7 @@ def experiment_cmd(
     """Every student x recipe (+ labels-only) x seed x budget of a study; results/runs/summary.csv. Restartable."""
     from medkd.workflows.experiment import run_study
 
+    _setup_logging(False)
     run_study(study, out, dry_run=dry_run, console=console)
 
 

@@ -102,3 +102,25 @@ def test_study_runs_is_killed_and_resumes_without_repeating_work(phantoms_2d, tm
     run_study(study, out, dry_run=True, console=console)
     assert "0 run(s) to train" in console.export_text()
     assert json.loads((out / "eval" / killed / "run.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+def test_study_with_a_given_teacher_and_a_time_budget(phantoms_2d, tmp_path):
+    """An existing run as the teacher (its folder), a wall-clock budget: the equal-time view."""
+    from medkd.config import build_config
+    from medkd.engine.trainer import train
+
+    tree = yaml.safe_load(open(_study_file(tmp_path, phantoms_2d)))
+    teacher = {"data": {**tree["data"], "dataset": str(phantoms_2d), "cache_dir": str(tmp_path / "cache")},
+               "model": {"name": "unet", "preset": "student", "shrink": 3}, "train": {**tree["train"], "max_steps": 3}}
+    train(build_config(teacher), tmp_path / "teacher")
+    tree.update(teacher={"path": "teacher"}, recipes=["logit-kd"], seeds=[0], budgets=[{"minutes": 0.01}])
+    (tmp_path / "given.yaml").write_text(yaml.safe_dump(tree))
+    out = run_study(tmp_path / "given.yaml", console=Console(width=200, record=True))
+    assert out == tmp_path / "given"
+    summary = {r["method"]: r for r in _rows(out / "summary.csv")}
+    assert summary["teacher"]["labels"] == "given" and summary["logit-kd"]["view"] == "equal time"
+    assert float(summary["logit-kd"]["steps"]) >= 1 and summary["logit-kd"]["gap_closed"] != ""
+    distill = yaml.safe_load((out / "runs" / "tiny__logit-kd__min0.01__cases4__seed0" / "config.yaml").read_text())
+    assert distill["distill"]["teacher"] == str(tmp_path / "teacher" / "best.pt")
+    assert distill["train"]["max_time_min"] == 0.01 and distill["train"]["max_steps"] is None
