@@ -376,6 +376,14 @@ def experiment_cmd(
     run_study(study, out, dry_run=dry_run, console=console)
 
 
+@app.command("report")
+def report_cmd(study_dir: Annotated[Path, typer.Argument(help="folder of a finished `medkd experiment`")]) -> None:
+    """report.html (self-contained) and report.md of a study: summary table, box plots, Dice vs latency, curves."""
+    from medkd.workflows.study_report import write_report
+
+    console.print(f"written: {', '.join(str(p) for p in write_report(study_dir))}")
+
+
 guard_commands(app, err_console)  # every command: one line and an exit code on an expected error
 
 

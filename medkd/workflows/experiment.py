@@ -4,7 +4,7 @@ The study file (:mod:`medkd.workflows.study`) is checked first, and every run co
 built and validated before anything trains. Output folder ``OUT`` (default: beside the study file,
 named after it)::
 
-    OUT/study.yaml            the study file as last run
+    OUT/study.yaml            the study as last run, resolved (absolute paths, defaults filled in)
     OUT/cache/                preprocessed cases and cached teacher outputs (unless data.cache_dir is set)
     OUT/runs/<run>/           one medkd run folder per training (config.yaml, best.pt, result.json, ...)
     OUT/eval/<run>/           predictions/ of the test cases, per_case.csv, summary.json, run.json
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import yaml
 from rich.console import Console
 
 from medkd.config import ConfigError, ModelConfig, build_config, load_yaml
@@ -174,6 +175,18 @@ def train_planned(run: PlannedRun, callbacks: Sequence[Any] = ()) -> None:
         train(build_config(run.tree), run.run_dir, callbacks=list(callbacks))
 
 
+def _train_or_note(run: PlannedRun, callbacks: Sequence[Any], console: Console, study_path: Path) -> None:
+    """:func:`train_planned`; when a stop signal ends the run, say how to continue the whole study."""
+    from medkd.engine.preemption import TrainingInterrupted
+
+    try:
+        train_planned(run, callbacks)
+    except TrainingInterrupted:
+        console.print(f"study stopped in {run.run_id}; run `medkd experiment {study_path}` (same --out) again to "
+                      "continue: finished runs are kept, this one resumes from its last.pt")
+        raise
+
+
 def run_study(study_path: str | Path, out: str | Path | None = None, *, dry_run: bool = False,
               console: Console | None = None, callbacks: Callable[[PlannedRun], Sequence[Any]] | None = None,
               after_run: Callable[[PlannedRun], None] | None = None) -> Path:
@@ -198,14 +211,14 @@ def run_study(study_path: str | Path, out: str | Path | None = None, *, dry_run:
         print_plan(study, runs, console)
         return out
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "study.yaml", study_path.read_text())
+    atomic_write_text(out / "study.yaml", yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
     started = time.monotonic()
     for index, run in enumerate(runs, 1):
         status = run_status(run)
         if status != "done":
             console.print(f"[bold][{index}/{len(runs)}][/] {run.run_id}: {status}")
         if status in ("train", "resume"):
-            train_planned(run, callbacks(run) if callbacks else ())
+            _train_or_note(run, callbacks(run) if callbacks else (), console, study_path)
         if status != "done":
             evaluate_run(run, study)
             if after_run is not None:

@@ -11,6 +11,8 @@ import yaml
 from rich.console import Console
 
 from medkd.workflows.experiment import run_study
+from medkd.workflows.study_plots import pareto_front
+from medkd.workflows.study_report import write_report
 
 RECIPES = ("logit-kd", "balanced-kd")
 
@@ -103,6 +105,18 @@ def test_study_runs_is_killed_and_resumes_without_repeating_work(phantoms_2d, tm
     assert "0 run(s) to train" in console.export_text()
     assert json.loads((out / "eval" / killed / "run.json").read_text())["steps"] == 4
 
+    # the report holds every figure (embedded) and every summary row, and needs no network
+    written = write_report(out)
+    html = (out / "report.html").read_text()
+    figures = ("dice_boxes", "dice_vs_latency", "curves_0", "overlays")
+    assert html.count('src="data:image/png;base64,') == len(figures)
+    assert "http://" not in html and "https://" not in html
+    assert all(f'alt="{name}"' in html for name in figures) and html.count("<tr>") == 1 + len(summary)
+    markdown = (out / "report.md").read_text()
+    assert all(f"(report/{name}.png)" in markdown and (out / "report" / f"{name}.png").stat().st_size > 1000
+               for name in figures)
+    assert "| balanced-kd |" in markdown and out / "report.html" in written
+
 
 @pytest.mark.slow
 def test_study_with_a_given_teacher_and_a_time_budget(phantoms_2d, tmp_path):
@@ -124,3 +138,8 @@ def test_study_with_a_given_teacher_and_a_time_budget(phantoms_2d, tmp_path):
     distill = yaml.safe_load((out / "runs" / "tiny__logit-kd__min0.01__cases4__seed0" / "config.yaml").read_text())
     assert distill["distill"]["teacher"] == str(tmp_path / "teacher" / "best.pt")
     assert distill["train"]["max_time_min"] == 0.01 and distill["train"]["max_steps"] is None
+
+
+def test_pareto_front_by_hand():
+    points = [(1.0, 0.5), (2.0, 0.7), (3.0, 0.6), (0.5, 0.4), (2.0, 0.65)]  # (latency, dice)
+    assert pareto_front(points) == [3, 0, 1]  # 3.0/0.6 is slower and worse than 2.0/0.7; 2.0/0.65 is beaten
