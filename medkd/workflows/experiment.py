@@ -60,6 +60,7 @@ class PlannedRun:
 
     @property
     def trained_here(self) -> bool:
+        """False for a given teacher, which the study only evaluates."""
         return self.tree is not None
 
 

@@ -78,6 +78,7 @@ class Budget(_Strict):
         return "equal time" if self.steps is None else "steps or time"
 
     def train_keys(self) -> dict[str, Any]:
+        """The run config's ``train.max_steps`` / ``train.max_time_min`` of this budget."""
         return {"max_steps": self.steps, "max_time_min": self.minutes}
 
 
@@ -102,6 +103,7 @@ class TeacherSpec(_Strict):
 
     @property
     def budget(self) -> Budget:
+        """The trained teacher's budget (steps and/or minutes)."""
         return Budget(steps=self.steps, minutes=self.minutes)
 
 

@@ -2,7 +2,8 @@
 
 Cost of a run = steps left x time per step, capped by its wall-clock budget (``minutes`` budgets
 cost their minutes). Time per step is *measured* where the study already has runs of the same
-student and method (``result.json``: elapsed / steps, else the last row of ``train_log.csv``), and
+student and method (``result.json``: elapsed / steps, else the last row of ``train_log.csv``), else
+taken from the same student's labels-only runs (plus a teacher forward for live-teacher recipes), and
 otherwise *estimated* from a few forward/backward passes of the network on a random batch of the
 run's batch and patch size, plus a teacher forward for recipes that run the teacher live. The
 estimate leaves out data loading, validation, teacher-output caching and the evaluation of the test
@@ -23,7 +24,7 @@ from rich.console import Console
 from medkd.config import RunConfig, build_config
 from medkd.evaluation.report import comparison_table
 from medkd.workflows.experiment import PlannedRun, run_status
-from medkd.workflows.study import Study
+from medkd.workflows.study import LABELS_ONLY, Study
 
 
 def _measured_s_per_step(run_dir: Path) -> tuple[float, int] | None:
@@ -111,6 +112,9 @@ class StepTimes:
         if (run.student, run.method) in self.measured:
             return statistics.median(self.measured[(run.student, run.method)]), "measured"
         cfg = build_config(run.tree)
+        if (run.student, LABELS_ONLY) in self.measured:  # the same student's measured step, plus a live teacher
+            base = statistics.median(self.measured[(run.student, LABELS_ONLY)])
+            return base + self._live_teacher_s(cfg), "measured (labels-only)"
         return self._bench_model(cfg, cfg.model, backward=True) + self._live_teacher_s(cfg), "estimated"
 
 
