@@ -81,3 +81,8 @@ def test_relative_paths_are_relative_to_the_study_file(phantoms_2d, tmp_path):
     study = load_study(_write(tmp_path / "sub", tree))
     assert study.dataset.resolve() == phantoms_2d.resolve() and study.label_settings() == [("all", {})]
     assert study.students[0].model.preset == "student"  # a student model defaults to the student preset
+
+
+def test_report_of_a_folder_that_is_no_study_fails_in_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and "study.yaml" in result.output and "Traceback" not in result.output
