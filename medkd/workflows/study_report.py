@@ -64,7 +64,8 @@ def table_rows(summary: list[dict[str, str]]) -> list[dict[str, str]]:
             "seeds": r["seeds"], "steps": _fmt(n(r["steps"]), ".0f"), "train_min": _fmt(n(r["train_s"]) / 60, ".1f"),
             "step_rel": _fmt(n(r["step_time_rel"]), ".2f"), "params": f"{int(n(r['params'])):,}",
             "latency": _fmt(n(r["latency_ms"]), ".1f"),
-            "dice": f"{_fmt(n(r['test_dice']), '.3f')} ± {_fmt(n(r['test_dice_sd']), '.3f')}{ci}",
+            "dice": _fmt(n(r["test_dice"]), ".3f") + ("" if math.isnan(n(r["test_dice_sd"]))
+                                                       else f" ± {_fmt(n(r['test_dice_sd']), '.3f')}") + ci,
             "delta": delta or "-", "wins": f"{r['wins']}/{r['n_cases']}" if r["wins"] else "-",
             "p": "-" if r["p_value"] == "" else f"{_fmt(n(r['p_value']), '.2g')} ({_fmt(n(r['p_holm']), '.2g')})",
             "gap": "-" if r["gap_closed"] == "" else _fmt(100 * n(r["gap_closed"]), ".0f") + "%",
