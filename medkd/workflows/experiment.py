@@ -201,7 +201,8 @@ def run_study(study_path: str | Path, out: str | Path | None = None, *, dry_run:
     console = console or Console()
     study_path = Path(study_path)
     study = load_study(study_path)
-    out = Path(out) if out is not None else default_out(study_path)
+    # absolute: run configs store their cache and teacher paths, so a restart from another folder matches
+    out = (Path(out) if out is not None else default_out(study_path)).resolve()
     runs = plan_runs(study, out, source=str(study_path))
     for run in runs:
         if run.trained_here:
