@@ -11,5 +11,11 @@ Each ``medkd`` command is a thin typer shell over one of these (or over a lower-
 * :mod:`medkd.workflows.postprocess`    - (re)decide a run's post-processing and report it (``medkd postprocess``);
 * :mod:`medkd.workflows.evaluate`       - evaluate predictions against labels (``medkd evaluate``);
 * :mod:`medkd.workflows.catalog`        - tables of the shipped recipes and registry models (``medkd recipes/models``);
-* :mod:`medkd.workflows.demo`           - the synthetic end-to-end demo (``medkd demo``).
+* :mod:`medkd.workflows.demo`           - the synthetic end-to-end demo (``medkd demo``);
+* :mod:`medkd.workflows.study`          - the study file of ``medkd experiment``: schema and checks before training;
+* :mod:`medkd.workflows.experiment`     - plan, run and resume every run of a study (``medkd experiment``);
+* :mod:`medkd.workflows.study_results`  - evaluate a study's runs; results.csv, runs.csv, summary.csv;
+* :mod:`medkd.workflows.study_summary`  - summary.csv: means over seeds, paired tests with Holm, bootstrap CIs, gap closed;
+* :mod:`medkd.workflows.study_cost`     - ``--dry-run``: what is left of each run and its estimated cost;
+* :mod:`medkd.workflows.study_plots`, :mod:`medkd.workflows.study_report` - ``medkd report``: HTML/Markdown with figures.
 """
