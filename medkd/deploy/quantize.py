@@ -57,15 +57,21 @@ def calibration_inputs(model: Path, plan: dict[str, Any], images: Sequence[tuple
     Each image (C, *spatial, as read from disk) is preprocessed with ``plan["preprocessing"]`` and
     predicted as :class:`medkd.deploy.runtime.BundlePredictor` does (``plan["inference"]``: whole
     slices or the sliding window, no mirroring) by the fp32 ``model``; every batch it receives is
-    recorded and split into single samples, of which ``max_samples`` evenly spaced ones are kept
-    (the MinMax calibrator keeps only per-tensor minima and maxima of each, not the activations).
+    recorded and split into single samples, of which a seeded uniform draw of ``max_samples`` is kept
+    (reservoir sampling: memory stays bounded for large 3D volumes), in the order they were fed.
+    The MinMax calibrator then keeps only per-tensor minima and maxima of each, not the activations.
     """
     session = _session(model)
     name = session.get_inputs()[0].name
-    recorded: list[np.ndarray] = []
+    kept: dict[int, tuple[int, np.ndarray]] = {}
+    seen, generator = [0], np.random.default_rng(0)
 
     def network(batch: np.ndarray) -> np.ndarray:
-        recorded.extend(np.array(sample[None]) for sample in batch)
+        for sample in batch:
+            slot = seen[0] if seen[0] < max_samples else int(generator.integers(0, seen[0] + 1))
+            if slot < max_samples:
+                kept[slot] = (seen[0], np.array(sample[None]))
+            seen[0] += 1
         return session.run(None, {name: batch})[0]
 
     pre, inference = plan["preprocessing"], plan["inference"]
@@ -76,10 +82,9 @@ def calibration_inputs(model: Path, plan: dict[str, Any], images: Sequence[tuple
                                   overlap=float(inference.get("overlap", 0.5)),
                                   whole_slice=bool(inference.get("whole_slice")),
                                   divisor=int(plan["model"].get("largest_stride", 1)))
-    if not recorded:
+    if not kept:
         raise ValueError("no calibration input: give at least one image")
-    keep = np.unique(np.linspace(0, len(recorded) - 1, min(max_samples, len(recorded))).round().astype(int))
-    return [recorded[i] for i in keep]
+    return [sample for _, sample in sorted(kept.values(), key=lambda item: item[0])]
 
 
 @contextlib.contextmanager
