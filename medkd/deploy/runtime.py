@@ -104,15 +104,18 @@ class BundlePredictor(CaseSegmenter):
         """The network's input (C, z, y, x) and what maps a prediction back (:func:`medkd.deploy.ops.preprocess`)."""
         return ops.preprocess(image, geometry, self.preprocessing)
 
-    def predict_prepared(self, prepared: np.ndarray, props: dict[str, Any],
-                         original_shape: Sequence[int]) -> np.ndarray:
-        """Probabilities (K, *original_shape) of an image made by :meth:`prepare`."""
-        probs = ops.predict_probabilities(
+    def predict_grid(self, prepared: np.ndarray) -> np.ndarray:
+        """Probabilities (K, z, y, x) on the network's grid of an image made by :meth:`prepare`."""
+        return ops.predict_probabilities(
             self.network, prepared, mode=self.preprocessing["mode"], patch_size=self.inference["patch_size"],
             tta=self.tta, batch_size=int(self.inference.get("batch_size", 8)),
             overlap=float(self.inference.get("overlap", 0.5)), whole_slice=self.whole_slice,
             divisor=int(self.plan["model"].get("largest_stride", 1)))
-        return ops.restore(probs, props, original_shape)
+
+    def predict_prepared(self, prepared: np.ndarray, props: dict[str, Any],
+                         original_shape: Sequence[int]) -> np.ndarray:
+        """Probabilities (K, *original_shape) of an image made by :meth:`prepare` (:meth:`predict_grid`, mapped back)."""
+        return ops.restore(self.predict_grid(prepared), props, original_shape)
 
 
 def _session(path: Path, threads: int | None) -> ort.InferenceSession:
