@@ -99,8 +99,14 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def quantize_int8(fp32: Path, out: Path, samples: Sequence[np.ndarray], input_name: str = "image") -> dict[str, Any]:
-    """Write the static int8 QDQ model of ``fp32`` to ``out``, calibrated on ``samples``; return its record."""
+def quantize_int8(fp32: Path, out: Path, samples: Sequence[np.ndarray], input_name: str = "image",
+                  method: str = "MinMax") -> dict[str, Any]:
+    """Write the static int8 QDQ model of ``fp32`` to ``out``, calibrated on ``samples``; return its record.
+
+    ``method``: onnxruntime's calibration method (``MinMax``, ``Percentile``, ``Entropy``, ``Distribution``).
+    MinMax is the default: on an ACDC student, Percentile, Entropy, 64 inputs instead of 32 and float
+    first and last convolutions all moved the int8 Dice change within the spread of the calibration draw.
+    """
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
         quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -119,11 +125,11 @@ def quantize_int8(fp32: Path, out: Path, samples: Sequence[np.ndarray], input_na
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod[method])
     onnx.checker.check_model(str(out))
     return {"method": "onnxruntime static quantization", "format": "QDQ",
             "weights": "int8, per output channel where supported", "activations": "uint8",
-            "calibration": "MinMax", "calibration_samples": len(samples),
+            "calibration": method, "calibration_samples": len(samples),
             "onnxruntime": ort.__version__}
 
 
