@@ -246,14 +246,16 @@ def latency_table(rows: list[dict[str, Any]], peaks: dict[int, float]) -> Table:
     table = Table(title=f"ms per {SLICE[0]}x{SLICE[1]} slice and per {SLICES}-slice volume; fp32 matmul peak "
                         f"GFLOP/s: {peak_text}")
     for column in ("model", "params", "GMACs/slice", "engine", "thr", "ms/slice", "ms/volume", "peak MB",
-                   "floor ms", "% floor", "vs PyTorch"):
+                   "floor ms", "% floor", "vs PyTorch", "vs ort fp32"):
         table.add_column(column, justify="left" if column in ("model", "engine") else "right")
     reference = {(r["model"], r["threads"]): r["ms_slice"] for r in rows if r["engine"] == "pytorch"}
+    onnx_fp32 = {(r["model"], r["threads"]): r["ms_slice"] for r in rows if r["engine"] == "ort fp32"}
     for r in rows:
         memory = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         table.add_row(r["model"], f"{r['params']:,}", f"{r['gmacs']:.2f}", r["engine"], str(r["threads"]),
                       f"{r['ms_slice']:.1f}", f"{r['ms_volume']:.0f}", memory, f"{r['floor_ms']:.2f}",
-                      f"{100 * r['floor_fraction']:.1f}", f"{reference[r['model'], r['threads']] / r['ms_slice']:.2f}x")
+                      f"{100 * r['floor_fraction']:.1f}", f"{reference[r['model'], r['threads']] / r['ms_slice']:.2f}x",
+                      f"{onnx_fp32[r['model'], r['threads']] / r['ms_slice']:.2f}x")
     return table
 
 

@@ -114,7 +114,7 @@ class BundlePredictor(CaseSegmenter):
 
     def predict_prepared(self, prepared: np.ndarray, props: dict[str, Any],
                          original_shape: Sequence[int]) -> np.ndarray:
-        """Probabilities (K, *original_shape) of an image made by :meth:`prepare` (:meth:`predict_grid`, mapped back)."""
+        """Probabilities (K, *original_shape) of an image made by :meth:`prepare`: :meth:`predict_grid`, mapped back."""
         return ops.restore(self.predict_grid(prepared), props, original_shape)
 
 
