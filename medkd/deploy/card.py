@@ -84,7 +84,8 @@ def _precision_lines(model: dict[str, Any]) -> list[str]:
            f"{record['calibration']} calibration on {record['calibration_samples']} network inputs)"
            if model["precision"] == "int8" else "float16 weights and activations (float32 input and output)")
     return [f"- Precision: {model['precision']}: {how}",
-            f"- Against the fp32 export on {versus['inputs']} ({', '.join(cases['cases'])} of `{cases['source']}`): "
+            f"- Against the fp32 export on {versus['inputs']}"
+            + (f" ({', '.join(cases['cases'])} of `{cases['source']}`)" if cases["cases"] else "") + ": "
             f"{100 * versus['label_agreement']:.2f}% equal labels, max |logit diff| {versus['max_abs_logit_diff']:.3g}"]
 
 

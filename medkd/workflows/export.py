@@ -137,9 +137,21 @@ def calibration_images(checkpoint: Path, state: dict[str, Any], source: Path | N
 
 def _convert(fp32: Path, out: Path, precision: str, plan: dict[str, Any], checkpoint: Path,
              state: dict[str, Any], calibration: Path | None) -> dict[str, Any]:
-    """Write the ``precision`` copy of ``fp32`` to ``out``; return its record (plan ``model.quantization``)."""
-    images, cases = calibration_images(checkpoint, state, calibration)
-    samples = quantize.calibration_inputs(fp32, plan, images, CALIBRATION_SAMPLES)
+    """Write the ``precision`` copy of ``fp32`` to ``out``; return its record (plan ``model.quantization``).
+
+    int8 needs the calibration images; fp16 uses them only to compare with fp32, on 4 seeded random
+    windows instead when the run's dataset is not here and no ``calibration`` was given.
+    """
+    try:
+        images, cases = calibration_images(checkpoint, state, calibration)
+        samples = quantize.calibration_inputs(fp32, plan, images, CALIBRATION_SAMPLES)
+    except (OSError, ValueError):
+        if precision == "int8" or calibration is not None:
+            raise
+        window = (1, int(plan["preprocessing"]["num_channels"]), *plan["inference"]["patch_size"])
+        generator = np.random.default_rng(0)
+        samples = [generator.standard_normal(window, dtype=np.float32) for _ in range(4)]
+        cases = {"source": "random normal windows (no calibration images found)", "cases": []}
     try:
         if precision == "int8":
             record = quantize.quantize_int8(fp32, out, samples, INPUT_NAME)
@@ -151,7 +163,8 @@ def _convert(fp32: Path, out: Path, precision: str, plan: dict[str, Any], checkp
                           f"({type(err).__name__}: {first_line})") from None
     record["calibration_cases"] = cases
     record["vs_fp32"] = {**quantize.compare_to_fp32(fp32, out, samples),
-                         "inputs": f"the {len(samples)} network inputs of the calibration cases"}
+                         "inputs": f"the {len(samples)} network inputs of the calibration cases" if cases["cases"]
+                         else f"{len(samples)} random normal windows"}
     return record
 
 
@@ -261,7 +274,7 @@ def export_summary(result: ExportResult) -> str:
     versus = "" if not converted else (
         f"; {model['precision']} vs fp32: {100 * converted['vs_fp32']['label_agreement']:.2f}% equal labels, max "
         f"|logit diff| {converted['vs_fp32']['max_abs_logit_diff']:.2g} on {converted['vs_fp32']['inputs']} "
-        f"({', '.join(converted['calibration_cases']['cases'])})")
+        f"({', '.join(converted['calibration_cases']['cases']) or 'no calibration images found'})")
     return (f"exported {result.checkpoint} to {result.bundle}: {', '.join(sorted(result.plan['files']))} and "
             f"{PLAN_FILE}; {model['spec']['name']} ({model['parameters']:,} parameters, "
             f"{model['macs_per_window'] / 1e9:.3f} GMACs per window); fp32 ONNX vs PyTorch max |logit diff| "

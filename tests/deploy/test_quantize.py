@@ -97,6 +97,15 @@ def test_bad_precision_flags_are_refused(phantoms_2d, tmp_path, untrained_checkp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
+def test_fp16_needs_no_calibration_images(phantoms_2d, tmp_path, untrained_checkpoint):
+    """Without a run config fp16 is compared with fp32 on random windows, and says so."""
+    ckpt = untrained_checkpoint("unet", phantoms_2d, tmp_path / "m.pt", "2d")
+    record = read_bundle(_export(ckpt, tmp_path / "b", "--fp16"))["model"]["quantization"]
+    assert record["calibration_cases"]["cases"] == [] and record["vs_fp32"]["inputs"] == "4 random normal windows"
+    assert record["vs_fp32"]["label_agreement"] > 0.99
+    assert "on 4 random normal windows: " in (tmp_path / "b" / "README.md").read_text()
+
+
 def test_calibration_data_must_be_found(phantoms_2d, tmp_path, untrained_checkpoint):
     """A checkpoint without a run config names --calibration; given it, the export works."""
     ckpt = untrained_checkpoint("unet", phantoms_2d, tmp_path / "m.pt", "2d")
