@@ -294,12 +294,20 @@ def export_cmd(
     source: Annotated[Path, typer.Argument(help="a run folder (its best.pt) or a checkpoint .pt")],
     output: Annotated[Path, typer.Option("--output", "-o", help="bundle folder to create")],
     force: Annotated[bool, typer.Option(help="replace a non-empty --output folder")] = False,
+    quantize: Annotated[Optional[str], typer.Option(help="int8: static int8 (QDQ) calibrated on a few training "
+                                                    "cases of the run's dataset")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights and activations")] = False,
+    calibration: Annotated[Optional[Path], typer.Option(help="dataset or image folder to calibrate on "
+                                                        "(default: the run's data.dataset)")] = None,
 ) -> None:
     """Bundle a network for `medkd predict --bundle` (no PyTorch needed there): model.onnx, plan.json
-    (preprocessing, post-processing, checksums) and a model card README.md."""
+    (preprocessing, post-processing, precision, checksums) and a model card README.md."""
+    from medkd.deploy.quantize import check_precision
     from medkd.workflows.export import export_bundle, export_summary
 
-    console.print(export_summary(export_bundle(source, output, force=force)))
+    precision = check_precision(quantize, fp16)
+    console.print(export_summary(export_bundle(source, output, force=force, precision=precision,
+                                               calibration=calibration)))
 
 
 @app.command("postprocess")

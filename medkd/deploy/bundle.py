@@ -7,7 +7,9 @@ A bundle is one folder::
     README.md    the model card
 
 ``plan.json`` keys: ``format`` (:data:`BUNDLE_FORMAT`), ``medkd_version``, ``source`` (checkpoint,
-step), ``model`` (file, opset, input/output names, registry spec, parameters, MACs, largest stride),
+step), ``model`` (file, opset, input/output names, registry spec, parameters, MACs, largest stride,
+``precision`` - one of :data:`PRECISIONS`, fp32 when absent - and for int8/fp16 ``quantization``: how
+it was converted, on which calibration cases, and its agreement with the fp32 model),
 ``preprocessing`` (the checkpoint's :class:`medkd.data.preprocess.PreprocessingPlan`, unchanged),
 ``inference`` (patch size, overlap, blending, whole-slice choice), ``labels``, ``postprocessing``
 (the steps ``medkd predict`` applies for the checkpoint, or ``null``), ``postprocessing_record``,
@@ -22,13 +24,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLE_FORMAT", "CARD_FILE", "MODEL_FILE", "PLAN_FILE", "BundleError", "plan_digest", "read_bundle",
-           "seal_plan", "sha256_of_file"]
+__all__ = ["BUNDLE_FORMAT", "CARD_FILE", "MODEL_FILE", "PLAN_FILE", "PRECISIONS", "BundleError", "plan_digest",
+           "read_bundle", "seal_plan", "sha256_of_file"]
 
 BUNDLE_FORMAT = "medkd-bundle-v1"
 PLAN_FILE = "plan.json"
 MODEL_FILE = "model.onnx"
 CARD_FILE = "README.md"
+#: numeric precisions of ``model.onnx`` (input and output are float32 in all of them)
+PRECISIONS = ("fp32", "int8", "fp16")
 #: top-level plan keys the predictor reads
 REQUIRED_KEYS = ("model", "preprocessing", "inference", "labels", "postprocessing", "files", "plan_sha256")
 

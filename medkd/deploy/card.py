@@ -74,6 +74,21 @@ def _post_text(steps: dict[str, list[int]] | None) -> str:
     return "keep the largest connected component of " + ", then ".join(parts)
 
 
+def _precision_lines(model: dict[str, Any]) -> list[str]:
+    """What the weights and activations of ``model.onnx`` are, and how far that moved it from fp32."""
+    record = model.get("quantization")
+    if not record:
+        return ["- Precision: fp32"]
+    versus, cases = record["vs_fp32"], record["calibration_cases"]
+    how = (f"static int8 quantization (QDQ; weights {record['weights']}, activations {record['activations']}, "
+           f"{record['calibration']} calibration on {record['calibration_samples']} network inputs)"
+           if model["precision"] == "int8" else "float16 weights and activations (float32 input and output)")
+    return [f"- Precision: {model['precision']}: {how}",
+            f"- Against the fp32 export on {versus['inputs']}"
+            + (f" ({', '.join(cases['cases'])} of `{cases['source']}`)" if cases["cases"] else "") + ": "
+            f"{100 * versus['label_agreement']:.2f}% equal labels, max |logit diff| {versus['max_abs_logit_diff']:.3g}"]
+
+
 def model_card(plan: dict[str, Any], facts: dict[str, Any]) -> str:
     """Markdown model card of the bundle described by ``plan``, with the run's ``facts`` (:func:`card_facts`)."""
     model, pre, inference, latency = plan["model"], plan["preprocessing"], plan["inference"], plan["latency"]
@@ -89,7 +104,8 @@ def model_card(plan: dict[str, Any], facts: dict[str, Any]) -> str:
         f"window: {_number(model['macs_per_window'])}",
         f"- `model.onnx`: ONNX opset {model['opset']}, input `{model['input']}` (B, C, *spatial) "
         f"float32, output `{model['output']}` (B, K, *spatial); ONNX vs PyTorch max |logit diff| "
-        f"{model['onnx_max_abs_diff']:.2e}",
+        f"{model['onnx_max_abs_diff']:.2e}" + (" (fp32, before conversion)" if model.get("quantization") else ""),
+        *_precision_lines(model),
         f"- Source: `{plan['source']['checkpoint']}` (step {plan['source']['step']})", "",
         "## Data and training",
         f"- Dataset: `{facts.get('dataset')}` (fold {facts.get('fold')}); labels {labels}",

@@ -105,8 +105,12 @@ def verify_onnx(model: nn.Module, path: Path, shape: Sequence[int], source: Path
     return diff
 
 
-def onnx_latency(path: Path, shape: Sequence[int], threads: int = 1, repeats: int = 5) -> dict[str, Any]:
-    """Median and best ms of onnxruntime fp32 on zeros of ``shape`` with ``threads`` threads (one warm-up run)."""
+def onnx_latency(path: Path, shape: Sequence[int], threads: int = 1, repeats: int = 5,
+                 precision: str = "fp32") -> dict[str, Any]:
+    """Median and best ms of onnxruntime on zeros of ``shape`` with ``threads`` threads (one warm-up run).
+
+    ``precision`` (of the model at ``path``) only names the engine in the record.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -118,5 +122,5 @@ def onnx_latency(path: Path, shape: Sequence[int], threads: int = 1, repeats: in
         session.run(None, {INPUT_NAME: x})
         times.append((time.perf_counter() - start) * 1000)
     return {"input_shape": list(shape), "threads": threads, "repeats": repeats,
-            "engine": f"onnxruntime {ort.__version__} fp32",
+            "engine": f"onnxruntime {ort.__version__} {precision}",
             "median_ms": round(statistics.median(times), 3), "best_ms": round(min(times), 3)}

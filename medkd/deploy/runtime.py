@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from medkd.data.io import Geometry
 from medkd.deploy import ops
-from medkd.deploy.bundle import MODEL_FILE, PLAN_FILE, BundleError, read_bundle
+from medkd.deploy.bundle import MODEL_FILE, PLAN_FILE, PRECISIONS, BundleError, read_bundle
 from medkd.engine.case_io import CaseSegmenter, check_image, predict_folder
 from medkd.engine.postprocess import Postprocessing
 
@@ -42,6 +42,9 @@ def _check_plan(plan: dict[str, Any], path: Path) -> None:
     if len(schemes) != pre.get("num_channels") or not set(schemes) <= {"zscore", "ct", "none"}:
         raise BundleError(f"{path}: preprocessing.normalization {schemes!r} does not fit num_channels "
                           f"{pre.get('num_channels')!r}")
+    precision = plan["model"].get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise BundleError(f"{path}: model.precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if len(inference.get("patch_size") or []) != (2 if pre["mode"] == "2d" else 3):
         raise BundleError(f"{path}: inference.patch_size {inference.get('patch_size')!r} does not fit "
                           f"mode {pre['mode']}")
@@ -49,6 +52,9 @@ def _check_plan(plan: dict[str, Any], path: Path) -> None:
 
 class BundlePredictor(CaseSegmenter):
     """A bundle's ONNX network plus its preprocessing and post-processing, on the CPU.
+
+    Any precision of ``medkd export`` (fp32, int8 QDQ, fp16) runs the same way: the network takes
+    and returns float32 in all of them.
 
     Args:
         bundle: folder written by ``medkd export``; every file is checked against ``plan.json``.
@@ -98,15 +104,18 @@ class BundlePredictor(CaseSegmenter):
         """The network's input (C, z, y, x) and what maps a prediction back (:func:`medkd.deploy.ops.preprocess`)."""
         return ops.preprocess(image, geometry, self.preprocessing)
 
-    def predict_prepared(self, prepared: np.ndarray, props: dict[str, Any],
-                         original_shape: Sequence[int]) -> np.ndarray:
-        """Probabilities (K, *original_shape) of an image made by :meth:`prepare`."""
-        probs = ops.predict_probabilities(
+    def predict_grid(self, prepared: np.ndarray) -> np.ndarray:
+        """Probabilities (K, z, y, x) on the network's grid of an image made by :meth:`prepare`."""
+        return ops.predict_probabilities(
             self.network, prepared, mode=self.preprocessing["mode"], patch_size=self.inference["patch_size"],
             tta=self.tta, batch_size=int(self.inference.get("batch_size", 8)),
             overlap=float(self.inference.get("overlap", 0.5)), whole_slice=self.whole_slice,
             divisor=int(self.plan["model"].get("largest_stride", 1)))
-        return ops.restore(probs, props, original_shape)
+
+    def predict_prepared(self, prepared: np.ndarray, props: dict[str, Any],
+                         original_shape: Sequence[int]) -> np.ndarray:
+        """Probabilities (K, *original_shape) of an image made by :meth:`prepare`: :meth:`predict_grid`, mapped back."""
+        return ops.restore(self.predict_grid(prepared), props, original_shape)
 
 
 def _session(path: Path, threads: int | None) -> ort.InferenceSession:

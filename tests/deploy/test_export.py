@@ -145,5 +145,6 @@ def test_a_bad_source_is_named(tmp_path, content):
 
 def test_help_is_true():
     export_help = runner.invoke(app, ["export", "--help"]).output
-    assert "--force" in export_help and "quantize" not in export_help and "fp16" not in export_help
+    assert "--force" in export_help and "--quantize" in export_help and "--fp16" in export_help
+    assert "--calibration" in export_help
     assert "--bundle" in runner.invoke(app, ["predict", "--help"]).output
