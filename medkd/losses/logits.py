@@ -52,10 +52,8 @@ def _teacher_log_probs(teacher: torch.Tensor, temperature: float, is_probs: bool
     return F.log_softmax(teacher.clamp_min(tiny).log() / temperature, dim=1)
 
 
-def _masked_voxel_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of per-voxel ``values`` (B, 1, *spatial) over all voxels or weighted by ``mask``."""
-    if mask is None:
-        return values.mean()
+def _voxel_weights(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``mask`` ((B, 1, *spatial) or (B, *spatial), bool or non-negative) as weights shaped like ``values``."""
     if mask.ndim == values.ndim - 1:
         mask = mask.unsqueeze(1)
     if mask.shape != values.shape:
@@ -63,6 +61,14 @@ def _masked_voxel_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch
     mask = mask.to(values.dtype)
     if (mask < 0).any():
         raise ValueError("mask weights must be non-negative.")
+    return mask
+
+
+def _masked_voxel_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-voxel ``values`` (B, 1, *spatial) over all voxels or weighted by ``mask``."""
+    if mask is None:
+        return values.mean()
+    mask = _voxel_weights(mask, values)
     total = mask.sum()
     if total <= 0:
         return values.sum() * 0.0  # empty mask: zero that keeps the graph
@@ -110,18 +116,17 @@ class KLDivergenceLoss(nn.Module):
         log_ps = F.log_softmax(student_logits / t, dim=1)
         kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1, keepdim=True)
         if self.class_balanced:
-            mask = _class_balance_weights(log_pt, mask)
+            weights = torch.ones_like(kl) if mask is None else _voxel_weights(mask, kl)
+            mask = _class_balance_weights(log_pt, weights)
         return t * t * _masked_voxel_mean(kl, mask)
 
 
-def _class_balance_weights(log_pt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _class_balance_weights(log_pt: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per-voxel weights ``m_v / n_a(v)`` (``B, 1, *spatial``): ``a`` the teacher's argmax class, ``n_c``
-    the mask-weighted count of class ``c`` in the batch."""
+    the ``weights``-weighted count of class ``c`` in the batch."""
     winner = log_pt.argmax(dim=1, keepdim=True)
-    weights = torch.ones_like(log_pt[:, :1]) if mask is None else \
-        (mask.unsqueeze(1) if mask.ndim == log_pt.ndim - 1 else mask).to(log_pt.dtype)
     counts = torch.zeros(log_pt.shape[1], dtype=log_pt.dtype, device=log_pt.device)
-    counts.scatter_add_(0, winner.flatten(), weights.expand_as(winner).flatten())
+    counts.scatter_add_(0, winner.flatten(), weights.flatten())
     return weights / counts.clamp_min(torch.finfo(log_pt.dtype).tiny)[winner]
 
 
