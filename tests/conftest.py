@@ -46,6 +46,28 @@ def _tiny_config(dataset: Path, cache: Path, **train) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_teachers():
+    """``tiny_teachers(dataset, root, cache, seeds, shrink, batch_size=None)``: one 2-step UNet teacher
+    (teacher preset at width ``shrink``) per seed, trained into ``root/t<seed>``; their run folders."""
+    return _tiny_teachers
+
+
+def _tiny_teachers(dataset: Path, root: Path, cache: Path, seeds, shrink: int, batch_size: int | None = None):
+    from medkd.config import build_config
+    from medkd.engine.trainer import train
+
+    runs = []
+    for seed in seeds:
+        tree = _tiny_config(dataset, cache, max_steps=2, seed=seed)
+        if batch_size is not None:
+            tree["data"]["batch_size"] = batch_size
+        tree["model"] = {"name": "unet", "preset": "teacher", "shrink": shrink}
+        train(build_config(tree), root / f"t{seed}")
+        runs.append(root / f"t{seed}")
+    return runs
+
+
 class InterruptAt:
     """A trainer callback that simulates a killed run: raises right after step ``step``."""
 

@@ -27,16 +27,12 @@ THREADS = 2  # every run starts with this many intra-op threads, as separate pro
 
 
 @pytest.fixture(scope="module")
-def teachers(phantoms_2d, tiny_config, tmp_path_factory):
+def teachers(phantoms_2d, tiny_teachers, tmp_path_factory):
     """Two tiny teachers (wider than the student, so feature terms get adapters) and their set."""
     root = tmp_path_factory.mktemp("resume_teachers")
-    members = []
-    for seed in (1, 2):
-        tree = tiny_config(phantoms_2d, root / "cache", max_steps=2, seed=seed)
-        tree["data"]["batch_size"] = 2
-        tree["model"] = {"name": "unet", "preset": "teacher", "shrink": 2}
-        train(build_config(tree), root / f"t{seed}")
-        members.append(TeacherMember(f"t{seed}", root / f"t{seed}" / "last.pt", val_dice=0.5 + 0.1 * seed))
+    runs = tiny_teachers(phantoms_2d, root, root / "cache", seeds=(1, 2), shrink=2, batch_size=2)
+    members = [TeacherMember(run.name, run / "last.pt", val_dice=0.5 + 0.1 * seed)
+               for seed, run in zip((1, 2), runs)]
     labels = dict(load_checkpoint(members[0].checkpoint)["labels"])
     TeacherSet("uniform", members, labels, root / "set" / "teachers.json").save(root / "set")
     return root

@@ -21,15 +21,10 @@ from medkd.teachers.manifest import TeacherMember, TeacherSet, load_frozen, open
 
 
 @pytest.fixture(scope="module")
-def teachers(phantoms_2d, tiny_config, tmp_path_factory):
+def teachers(phantoms_2d, tiny_config, tiny_teachers, tmp_path_factory):
     """Two tiny 2D teachers (different seeds) trained 2 steps, and the preprocessed training data."""
     root = tmp_path_factory.mktemp("cache_teachers")
-    paths = []
-    for seed in (0, 1):
-        tree = tiny_config(phantoms_2d, root / "prep", max_steps=2, seed=seed)
-        tree["model"] = {"name": "unet", "preset": "teacher", "shrink": 3}
-        train(build_config(tree), root / f"t{seed}")
-        paths.append(root / f"t{seed}" / "best.pt")
+    paths = [run / "best.pt" for run in tiny_teachers(phantoms_2d, root, root / "prep", seeds=(0, 1), shrink=3)]
     data = prepare_training_data(build_config(tiny_config(phantoms_2d, root / "prep")).data)
     return paths, data, root
 
