@@ -84,6 +84,13 @@ class TeacherOptions(_Strict):
     teacher-set manifest, ``w_m = d_m^dice_power / sum_k d_k^dice_power``). ``cache``: precompute the
     combined target once (:mod:`medkd.teachers.cache`) when the recipe needs no teacher features and
     the rule is not ``mean_loss``; ``top_k`` keeps only the k largest classes per voxel there.
+    ``combine_temperature``: by default each logit term combines the members at its own temperature
+    ``T`` (exact: ``softmax(g / T)`` is the members' combined distribution at ``T``), so a cached
+    target serves only recipes whose logit terms share one ``T``. With ``combine_temperature: T_c``
+    the members are combined once at ``T_c`` into ``g = T_c log p_{T_c}`` (with ``T_c = 1``: the
+    ensemble's own prediction) and every term softens that ``g`` with its own ``T``: for ``T != T_c``
+    its target is the combined distribution re-softened, not the mean of the re-softened members.
+    No effect with one teacher (``g`` is then the teacher's logits).
     """
 
     combine: Literal["mean_prob", "mean_logits", "adaptive", "mean_loss"] = "mean_prob"
@@ -92,6 +99,7 @@ class TeacherOptions(_Strict):
     temperature_w: float = Field(1.0, gt=0, description="temperature of the adaptive per-voxel weights")
     cache: bool = True
     top_k: int | None = Field(None, ge=1)
+    combine_temperature: float | None = Field(None, gt=0)
 
 
 class Recipe(_Strict):

@@ -195,11 +195,15 @@ class Distiller(nn.Module):
         return nn.ModuleDict({**self.terms, "_balance": self.balancer})  # recipes reject '_' term names
 
     def logit_temperature(self) -> float:
-        """The one temperature of the logit terms (what a cached target is computed for)."""
+        """The temperature a cached target is combined at: the recipe's ``teachers.combine_temperature``,
+        else the one temperature of the logit terms."""
+        if self.recipe.teachers.combine_temperature is not None:
+            return self.recipe.teachers.combine_temperature
         temps = {float(getattr(mods[0], "temperature", 1.0)) for name, mods in self.terms.items() if name not in self.taps}
         if len(temps) > 1:
             raise ValueError(f"logit terms use different temperatures {sorted(temps)}; one cached target cannot "
-                             "serve them all with several teachers: set teachers.cache: false")
+                             "serve them all with several teachers: set teachers.combine_temperature "
+                             "(combine once, then each term softens) or teachers.cache: false")
         return temps.pop() if temps else 1.0
 
     def attach_cache(self, soft_targets: list) -> None:
@@ -229,8 +233,8 @@ class Distiller(nn.Module):
             return sum(w * loss(s_logits, z) for w, z in zip(self.member_weights, members))
         rule = "mean_prob" if options.combine == "mean_loss" else options.combine
         extra = {"temperature_w": options.temperature_w} if rule == "adaptive" else {}
-        target = target_logits(rule, members.float(), getattr(loss, "temperature", 1.0),
-                               member_weights=self.member_weights, **extra)
+        temperature = options.combine_temperature or getattr(loss, "temperature", 1.0)
+        target = target_logits(rule, members.float(), temperature, member_weights=self.member_weights, **extra)
         return loss(s_logits, target.to(s_logits.dtype))
 
     def _supervised_term(self, s_out: torch.Tensor, label: torch.Tensor, labeled: torch.Tensor | None) -> torch.Tensor:

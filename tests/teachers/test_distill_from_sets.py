@@ -98,3 +98,48 @@ def test_distiller_regresses_the_ensemble_uncertainty_live():
     with pytest.raises(ValueError, match="2\\+ teachers"):
         Distiller(create("unet", 2, 1, 3, preset="student"), teachers[:1], recipe, spatial_dims=2, in_channels=1,
                   num_classes=3)
+
+
+def _two_temperature_recipe(combine_temperature):
+    from medkd.recipes import recipe_from_dict
+
+    teachers = {"combine": "mean_prob"}
+    if combine_temperature is not None:
+        teachers["combine_temperature"] = combine_temperature
+    return recipe_from_dict({"name": "r", "paper": "p", "teachers": teachers, "terms": {
+        "kl": {"loss": "kl", "weight": 1.0, "options": {"temperature": 4.0}},
+        "dice": {"loss": "soft_dice", "weight": 1.0}}})
+
+
+def test_combine_temperature_combines_once_and_each_term_softens_the_combined_logits():
+    from medkd.engine.distill import Distiller
+    from medkd.losses.logits import KLDivergenceLoss
+    from medkd.losses.pseudo import SoftDiceLoss
+    from medkd.models import create
+
+    torch.manual_seed(0)
+    teachers = [create("unet", 2, 1, 3, preset="student") for _ in range(2)]
+    student = create("unet", 2, 1, 3, preset="student")
+    with pytest.raises(ValueError, match="combine_temperature"):
+        Distiller(student, teachers, _two_temperature_recipe(None), spatial_dims=2, in_channels=1,
+                  num_classes=3).logit_temperature()
+    distiller = Distiller(student, teachers, _two_temperature_recipe(1.0), spatial_dims=2, in_channels=1,
+                          num_classes=3).eval()
+    assert distiller.logit_temperature() == 1.0
+    batch = {"image": torch.randn(2, 1, 32, 32), "label": torch.zeros(2, 1, 32, 32, dtype=torch.long)}
+    terms = distiller(batch)
+    with torch.no_grad():
+        mean_prob = torch.stack([torch.softmax(t.eval()(batch["image"]), 1) for t in teachers]).mean(0)
+        combined = mean_prob.clamp_min(1e-12).log()  # T_c = 1: the ensemble's own prediction
+        s_logits = student(batch["image"])
+        expected_kl = KLDivergenceLoss(temperature=4.0)(s_logits, combined)
+        expected_dice = SoftDiceLoss()(s_logits, combined)
+    assert torch.allclose(terms["kl"], expected_kl, atol=1e-5)
+    assert torch.allclose(terms["dice"], expected_dice, atol=1e-5)
+
+
+def test_balanced_kd_runs_from_a_cached_teacher_set(subset_set):
+    folder, root = subset_set
+    result = _distill(folder, root, "balanced-kd", "balanced")
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(root / "balanced" / "last.pt")["step"] == 3
