@@ -7,8 +7,8 @@ networks at half the teacher width, ``--member-shrink 1``); every student the sa
 
 (a) a uniform ensemble (3 UNets, seeds 0-2) and a diverse one (UNet, BasicUNet, SegResNet x Dice+CE, CE)
     against each of their members;
-(b) students distilled from each ensemble with ``ensemble-kd`` (cached ensemble probabilities) against
-    the student on labels alone, ``--seeds`` each (paired differences);
+(b) students distilled from each ensemble with ``--ensemble-recipes`` (default ``ensemble-kd``: cached
+    ensemble probabilities) against the student on labels alone, ``--seeds`` each (paired differences);
 (c) three subset teachers, each trained on its own third of the training cases, against one of them,
     their ensemble, and the student distilled from them with ``adaptive-multi-teacher``.
 Step time with 1, 3 and 5 teachers, live and cached, is ``teacher_step_time.py``.
@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--labels-dir", type=Path, default=None,
                         help="reuse labels-only students from acdc_2d_distill.py (e.g. bench_runs/acdc_2d_distill/steps)"
                              " when --student-steps and --seeds match")
+    parser.add_argument("--ensemble-recipes", nargs="+", default=["ensemble-kd"],
+                        help="recipes distilled from each ensemble (cached)")
     parser.add_argument("--adaptive-seeds", type=int, nargs="+", default=None, help="default: --seeds")
     args = parser.parse_args()
     if not (args.data / "dataset.json").is_file():
@@ -121,8 +123,9 @@ def main() -> None:
     labels = {seed: student(args, "labels", seed, None, None) for seed in args.seeds}
     students = [summarise("student, labels only", list(labels.values()), labels)]
     for kind in [k for k in ("uniform", "diverse") if k in folders]:
-        runs = [student(args, f"ensemble-kd_{kind}", seed, folders[kind], "ensemble-kd") for seed in args.seeds]
-        students.append(summarise(f"student, ensemble-kd from {kind}", runs, labels))
+        for recipe in args.ensemble_recipes:
+            runs = [student(args, f"{recipe}_{kind}", seed, folders[kind], recipe) for seed in args.seeds]
+            students.append(summarise(f"student, {recipe} from {kind}", runs, labels))
     if "subset" in folders:
         runs = [student(args, "adaptive_subset", seed, folders["subset"], "adaptive-multi-teacher")
                 for seed in args.adaptive_seeds or args.seeds]
