@@ -103,6 +103,8 @@ def _train_options(
     unlabeled: Annotated[Optional[list[Path]], typer.Option(metavar="DIR", help="distill: folder of unlabelled "
                                                             "images (CASE_XXXX<ending>); repeatable")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --run-dir from last.pt")] = False,
+    plan: Annotated[Optional[Path], typer.Option(help="plans.json of `medkd plan` (default: plan from the dataset)")] = None,
+    configuration: Annotated[Optional[str], typer.Option(help="of the plan: 2d, 3d_fullres or 3d_lowres")] = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """The options shared by train and distill (collected, not acted on)."""
@@ -205,13 +207,13 @@ def train_teachers_cmd(
 
     Options given with --resume must match OUT/plan.json; with none, the stored plan is used.
     """
-    from medkd.workflows.train import config_overrides
+    from medkd.workflows.train import run_overrides
     from medkd.workflows.train_teachers import run_teacher_set
 
     _setup_logging(opts["verbose"])
     if opts["run_dir"] is not None and out is not None and opts["run_dir"] != out:
         raise ValueError("give the teacher-set folder once: --out (--run-dir is an alias)")
-    teachers = run_teacher_set(out or opts["run_dir"], kind, opts["config"], config_overrides(opts),
+    teachers = run_teacher_set(out or opts["run_dir"], kind, opts["config"], run_overrides(opts, note=err_console.print),
                                resume=opts["resume"], members=members, models=_comma_list(models),
                                losses=_comma_list(losses), subsets=subsets, aux_weight=aux_weight,
                                aux_tap=aux_tap, group_by=None if group_by == "random" else group_by)

@@ -10,6 +10,7 @@ dotted-key run-config defaults, applied *under* a config file, flags and ``--set
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,53 @@ def fingerprint_lines(plans: Mapping[str, Any]) -> list[str]:
              for c, (name, s) in enumerate(zip(fp["channel_names"], fp["foreground_intensities"]))]
     lines.append("class voxel frequencies: " + ", ".join(f"{k} {v:.4%}" for k, v in fp["class_frequencies"].items()))
     return lines
+
+
+def _explicit_keys(tree: Mapping[str, Any]) -> set[str]:
+    """``section.key`` of every entry a config file sets (plan defaults live at that depth)."""
+    return {f"{section}.{key}" for section, body in tree.items() if isinstance(body, dict) for key in body} | set(tree)
+
+
+def _divides(patch: list[int], strides: list[list[int]]) -> bool:
+    return all(p % math.prod(s[axis] for s in strides) == 0 for axis, p in enumerate(patch))
+
+
+def planned_overrides(overrides: Mapping[str, Any], file_tree: Mapping[str, Any], *, plan: str | Path | None,
+                      configuration: str | None, note: Callable[[str], Any] = print) -> dict[str, Any]:
+    """``overrides`` (flags, ``--set``, a command's defaults) over the defaults of a plan, for keys that neither
+    they nor the config file (``file_tree``) set. The plan is the file ``plan`` or, without one, made now from the
+    dataset (cached fingerprint); without a dataset, or when no configuration fits an explicit ``data.mode``
+    (a 2D dataset asked for 3D) and none was named, ``overrides`` are returned unchanged."""
+    explicit = set(overrides) | _explicit_keys(file_tree)
+
+    def given(key: str, default: Any = None) -> Any:
+        section, name = key.split(".")
+        return overrides.get(key, (file_tree.get(section) or {}).get(name, default))
+
+    mode, dataset = given("data.mode"), given("data.dataset")
+    if plan is not None:
+        plans, source = load_plans(plan), str(plan)
+    elif dataset is None:
+        return dict(overrides)
+    else:
+        plans, source = make_plans(dataset, cache_dir=given("data.cache_dir")), f"the plan of {dataset}"
+        if configuration is None and choose_default(plans, mode) is None:
+            return dict(overrides)
+    name = choose_configuration(plans, configuration, mode, source)
+    defaults = plan_defaults(plans, name, model=given("model.name"), preset=given("model.preset"),
+                             shrink_given="model.shrink" in explicit)
+    merged = {**{k: v for k, v in defaults.items() if k not in explicit}, **overrides}
+    kwargs = merged.get("model.kwargs")
+    if "model.kwargs" not in explicit and kwargs and not _divides(given("data.patch_size") or merged["data.patch_size"],
+                                                                  kwargs["strides"]):
+        merged.pop("model.kwargs")
+        merged.pop("model.shrink", None)  # the planned strides do not divide the given patch: registry defaults
+    note(f"plan: configuration {name} of {source} (patch {merged.get('data.patch_size', given('data.patch_size'))}, "
+         f"batch {merged.get('data.batch_size', given('data.batch_size'))}); flags, --set and --config override it")
+    return merged
+
+
+def choose_default(plans: Mapping[str, Any], mode: str | None) -> str | None:
+    """The configuration a run gets without ``--configuration``: 3d_fullres for mode 3d, else 2d (None if absent)."""
+    name = "3d_fullres" if mode == "3d" else "2d"
+    return name if name in plans["configurations"] else None

@@ -2,7 +2,8 @@
 
 A run config is resolved from an optional YAML file plus dotted-key overrides
 (:func:`config_overrides` builds them from the command line's options: precedence ``--set`` >
-flags > defaults given by the command, e.g. a teacher's data settings); :func:`train_run` runs it in
+flags > defaults given by the command, e.g. a teacher's data settings; :func:`run_overrides` puts a
+plan's defaults under all of them and the YAML file, see :mod:`medkd.workflows.plan`); :func:`train_run` runs it in
 its run folder, :func:`resume_run` continues a run from its folder's ``last.pt`` and ``config.yaml``.
 """
 
@@ -72,6 +73,21 @@ def config_overrides(options: Mapping[str, Any], defaults: Mapping[str, Any] | N
     return {**(defaults or {}), **{k: v for k, v in overrides.items() if v is not None}, **parse_set(o["set_"])}
 
 
+def run_overrides(options: Mapping[str, Any], defaults: Mapping[str, Any] | None = None,
+                  note: Callable[[str], Any] = print) -> dict[str, Any]:
+    """:func:`config_overrides` over the defaults of a plan (``options["plan"]`` and ``["configuration"]``,
+    else planned from the dataset; see :func:`medkd.workflows.plan.planned_overrides`); none when resuming."""
+    from medkd.config import load_yaml
+    from medkd.workflows.plan import planned_overrides
+
+    overrides = config_overrides(options, defaults)
+    if options.get("resume"):
+        return overrides
+    file_tree = load_yaml(options["config"]) if options.get("config") else {}
+    return planned_overrides(overrides, file_tree, plan=options.get("plan"), configuration=options.get("configuration"),
+                             note=note)
+
+
 def resolve_config(config: str | Path | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """The run config of a YAML file (or none: defaults) with dotted-key ``overrides`` applied."""
     return load_config(config, dict(overrides or {}))
@@ -103,12 +119,13 @@ def run_from_options(options: Mapping[str, Any], defaults: Mapping[str, Any] | N
     ``defaults`` and trains in a new run, or with ``resume`` continues ``run_dir`` (``note`` tells which
     given options that ignores). ``None`` on non-zero ranks of a distributed run."""
     config, run_dir = options["config"], options["run_dir"]
-    overrides = config_overrides(options, defaults)
+    overrides = run_overrides(options, defaults, note)
     if not options["resume"]:
         return train_run(resolve_config(config, overrides), run_dir)
     if run_dir is None:
         raise ValueError("--resume needs --run-dir (the folder of the run to continue)")
-    ignored = [k for k, v in overrides.items() if v is not None]
+    ignored = [k for k, v in overrides.items() if v is not None] + [f"--{k}" for k in ("plan", "configuration")
+                                                                     if options.get(k)]
     if ignored or config:
         note(f"note: resuming uses {Path(run_dir) / 'config.yaml'}; ignoring {', '.join(ignored) or '--config'}")
     return resume_run(run_dir)
