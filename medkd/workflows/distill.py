@@ -19,7 +19,7 @@ from medkd.teachers.manifest import open_teachers
 from medkd.workflows.train import resolve_config
 
 
-def distill_defaults(teacher: str | Path, student: str = "unet", recipe: str = "logit-kd", *,
+def distill_defaults(teacher: str | Path | None, student: str = "unet", recipe: str = "logit-kd", *,
                      teacher_data: bool = True) -> dict[str, Any]:
     """Dotted-key defaults of a distillation run (overridden by anything the caller gives).
 
@@ -27,6 +27,8 @@ def distill_defaults(teacher: str | Path, student: str = "unet", recipe: str = "
     recipe name or a YAML file. With ``teacher_data`` the data settings of the (first) teacher's run
     (dataset, mode, patch size, normalisation...) come first, except its ``data_fraction``.
     """
+    if teacher is None:
+        raise ValueError("medkd distill needs --teacher (a checkpoint or a teacher set), except with --resume")
     recipe_spec = load_recipe(recipe)
     teacher_cfg = load_checkpoint(open_teachers(teacher).members[0].checkpoint)["config"]
     data = {k: v for k, v in teacher_cfg["data"].items() if k != "data_fraction"} if teacher_data else {}

@@ -10,6 +10,7 @@ its run folder, :func:`resume_run` continues a run from its folder's ``last.pt``
 from __future__ import annotations
 
 import datetime
+import logging
 import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -18,7 +19,10 @@ from typing import Any, Callable
 import yaml
 
 from medkd.config import RunConfig, load_config
+from medkd.engine.teacher_watch import TeacherDiceWatch, teacher_validation_dice
 from medkd.engine.trainer import TrainResult, train
+
+log = logging.getLogger(__name__)
 
 
 def parse_set(items: Iterable[str] | None) -> dict[str, Any]:
@@ -93,18 +97,38 @@ def resolve_config(config: str | Path | None, overrides: Mapping[str, Any] | Non
     return load_config(config, dict(overrides or {}))
 
 
-def train_run(config: RunConfig, run_dir: str | Path | None = None) -> TrainResult | None:
+def train_run(config: RunConfig, run_dir: str | Path | None = None,
+              note: Callable[[str], Any] = log.info) -> TrainResult | None:
     """Train (or, with ``config.distill``, distil) in ``run_dir`` (default :func:`default_run_dir`).
 
+    A distillation run tells ``note`` its teacher's validation Dice and warns once if the student passes it.
     Returns the trainer's result (None on non-zero ranks of a distributed run).
     """
     run_dir = run_dir or default_run_dir(config.model.name, config.model.preset)
-    return _rank_zero(train(config, run_dir))
+    watch = _teacher_watch(config, note)
+    return _watched(train(config, run_dir, callbacks=[watch] if watch else []), watch)
 
 
-def resume_run(run_dir: str | Path) -> TrainResult | None:
+def resume_run(run_dir: str | Path, note: Callable[[str], Any] = log.info) -> TrainResult | None:
     """Continue the run in ``run_dir`` from its ``last.pt``, with the config stored there (None on non-zero ranks)."""
-    return _rank_zero(train(None, run_dir, resume=True))
+    watch = _teacher_watch(load_config(Path(run_dir) / "config.yaml"), note) if (Path(run_dir) / "config.yaml").is_file() \
+        else None
+    return _watched(train(None, run_dir, resume=True, callbacks=[watch] if watch else []), watch)
+
+
+def _teacher_watch(config: RunConfig, note: Callable[[str], Any]) -> TeacherDiceWatch | None:
+    """For a distillation run: tell the teacher's validation Dice, and watch for the student passing it."""
+    if config.distill is None:
+        return None
+    dice, what = teacher_validation_dice(config.distill.teacher)
+    note(f"teacher {config.distill.teacher}: {what}{'' if dice is None else f' {dice:.4f}'}")
+    return TeacherDiceWatch(dice)
+
+
+def _watched(result: TrainResult, watch: TeacherDiceWatch | None) -> TrainResult | None:
+    if watch is not None and result.global_rank == 0:
+        watch.finish(result.run_dir, result.best_metric, result.steps)
+    return _rank_zero(result)
 
 
 def _rank_zero(result: TrainResult) -> TrainResult | None:
@@ -121,11 +145,11 @@ def run_from_options(options: Mapping[str, Any], defaults: Mapping[str, Any] | N
     config, run_dir = options["config"], options["run_dir"]
     overrides = run_overrides(options, defaults, note)
     if not options["resume"]:
-        return train_run(resolve_config(config, overrides), run_dir)
+        return train_run(resolve_config(config, overrides), run_dir, note)
     if run_dir is None:
         raise ValueError("--resume needs --run-dir (the folder of the run to continue)")
     ignored = [k for k, v in overrides.items() if v is not None] + [f"--{k}" for k in ("plan", "configuration")
                                                                      if options.get(k)]
     if ignored or config:
         note(f"note: resuming uses {Path(run_dir) / 'config.yaml'}; ignoring {', '.join(ignored) or '--config'}")
-    return resume_run(run_dir)
+    return resume_run(run_dir, note)
