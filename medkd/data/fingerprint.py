@@ -28,6 +28,7 @@ import numpy as np
 
 from medkd.data.dataset import Case, DatasetError, DatasetInfo, read_case
 from medkd.data.grid import nonzero_bbox, spacing_zyx
+from medkd.data.io import has_physical_spacing
 from medkd.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,6 @@ log = logging.getLogger(__name__)
 FINGERPRINT_VERSION = 1
 SAMPLES_PER_CASE = 10_000
 MIN_EDGE = 8  # the smallest patch edge medkd trains on (data.patch_size entries are >= 8)
-#: endings whose files carry no physical spacing (their spacing is one pixel)
-PIXEL_ENDINGS = (".png",)
-
-
-def has_physical_spacing(file_ending: str) -> bool:
-    """Whether images of this ending carry a physical spacing (mm); PNGs do not (their unit is the pixel)."""
-    return file_ending.lower() not in PIXEL_ENDINGS
 
 
 def _case_sources(case: Case) -> list[list[Any]]:
