@@ -2,7 +2,7 @@
 
 Starting from the target spacing, each stage halves every axis whose current spacing is within 2x of
 the finest current spacing and whose feature map is still at least ``2 * min_edge`` voxels (a lone
-axis needs ``3 * min_edge``); other axes keep their resolution. So an anisotropic axis (ACDC's 10 mm
+axis needs ``3 * min_edge``), up to :data:`MAX_POOLS` per axis; other axes keep their resolution. So an anisotropic axis (ACDC's 10 mm
 slices) is pooled only once the in-plane axes have caught up with its spacing. The patch is then
 padded up to a multiple of each axis' total stride.
 """
@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 MIN_FEATURE_EDGE = 4  # nnU-Net's UNet_featuremap_min_edge_length
+#: at most this many poolings per axis: medkd probes a network's stages on 64^2 (2D) and 32^3 (3D) inputs
+#: (feature taps, whole-slice padding), which must keep 2 voxels at the bottleneck
+MAX_POOLS = {2: 5, 3: 4}
 
 
 @dataclass(frozen=True)
@@ -36,14 +39,16 @@ class Topology:
 
 def pooling(spacing: Sequence[float], patch_size: Sequence[int], min_edge: int = MIN_FEATURE_EDGE,
             max_stages: int = 7) -> tuple[list[list[int]], list[int]]:
-    """Per-stage strides (each a list of 1 or 2 per axis) and the number of poolings per axis."""
+    """Per-stage strides (each a list of 1 or 2 per axis) and the number of poolings per axis (at most
+    :data:`MAX_POOLS`)."""
     if len(spacing) != len(patch_size) or any(s <= 0 for s in spacing):
         raise ValueError(f"spacing {list(spacing)} must be positive with one entry per patch axis {list(patch_size)}")
     current_spacing, current_size = list(map(float, spacing)), list(map(float, patch_size))
     strides: list[list[int]] = []
     pools = [0] * len(spacing)
     while len(strides) + 1 < max_stages:
-        axes = [i for i in range(len(spacing)) if current_size[i] >= 2 * min_edge]
+        max_pools = MAX_POOLS.get(len(spacing), 5)
+        axes = [i for i in range(len(spacing)) if current_size[i] >= 2 * min_edge and pools[i] < max_pools]
         if not axes:
             break
         finest = min(current_spacing[i] for i in axes)

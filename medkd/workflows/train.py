@@ -19,6 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from medkd.config import RunConfig, load_config
+from medkd.engine.budget import PhaseClock
 from medkd.engine.teacher_watch import TeacherDiceWatch, teacher_validation_dice
 from medkd.engine.trainer import TrainResult, train
 
@@ -97,23 +98,25 @@ def resolve_config(config: str | Path | None, overrides: Mapping[str, Any] | Non
     return load_config(config, dict(overrides or {}))
 
 
-def train_run(config: RunConfig, run_dir: str | Path | None = None,
-              note: Callable[[str], Any] = log.info) -> TrainResult | None:
+def train_run(config: RunConfig, run_dir: str | Path | None = None, note: Callable[[str], Any] = log.info,
+              clock: PhaseClock | None = None) -> TrainResult | None:
     """Train (or, with ``config.distill``, distil) in ``run_dir`` (default :func:`default_run_dir`).
 
     A distillation run tells ``note`` its teacher's validation Dice and warns once if the student passes it.
+    ``clock``: the command's (``train.max_time_min`` counts from its start; default: from the run's start).
     Returns the trainer's result (None on non-zero ranks of a distributed run).
     """
     run_dir = run_dir or default_run_dir(config.model.name, config.model.preset)
     watch = _teacher_watch(config, note)
-    return _watched(train(config, run_dir, callbacks=[watch] if watch else []), watch)
+    return _watched(train(config, run_dir, callbacks=[watch] if watch else [], clock=clock), watch)
 
 
-def resume_run(run_dir: str | Path, note: Callable[[str], Any] = log.info) -> TrainResult | None:
+def resume_run(run_dir: str | Path, note: Callable[[str], Any] = log.info,
+               clock: PhaseClock | None = None) -> TrainResult | None:
     """Continue the run in ``run_dir`` from its ``last.pt``, with the config stored there (None on non-zero ranks)."""
     watch = _teacher_watch(load_config(Path(run_dir) / "config.yaml"), note) if (Path(run_dir) / "config.yaml").is_file() \
         else None
-    return _watched(train(None, run_dir, resume=True, callbacks=[watch] if watch else []), watch)
+    return _watched(train(None, run_dir, resume=True, callbacks=[watch] if watch else [], clock=clock), watch)
 
 
 def _teacher_watch(config: RunConfig, note: Callable[[str], Any]) -> TeacherDiceWatch | None:
@@ -143,13 +146,15 @@ def run_from_options(options: Mapping[str, Any], defaults: Mapping[str, Any] | N
     ``defaults`` and trains in a new run, or with ``resume`` continues ``run_dir`` (``note`` tells which
     given options that ignores). ``None`` on non-zero ranks of a distributed run."""
     config, run_dir = options["config"], options["run_dir"]
-    overrides = run_overrides(options, defaults, note)
+    clock = PhaseClock()  # from the process's start: --max-time-min bounds the whole command
+    with clock.phase("plan"):
+        overrides = run_overrides(options, defaults, note)
     if not options["resume"]:
-        return train_run(resolve_config(config, overrides), run_dir, note)
+        return train_run(resolve_config(config, overrides), run_dir, note, clock)
     if run_dir is None:
         raise ValueError("--resume needs --run-dir (the folder of the run to continue)")
     ignored = [k for k, v in overrides.items() if v is not None] + [f"--{k}" for k in ("plan", "configuration")
                                                                      if options.get(k)]
     if ignored or config:
         note(f"note: resuming uses {Path(run_dir) / 'config.yaml'}; ignoring {', '.join(ignored) or '--config'}")
-    return resume_run(run_dir, note)
+    return resume_run(run_dir, note, clock)
