@@ -27,15 +27,22 @@ def plan_command(
                                          "forward MACs); 20 measured on medkd's 3D UNet, fp32, 1 CPU thread")] = 20.0,
     memory_gb: Annotated[float, typer.Option(help="budget: memory of a training step (activations, weights, "
                                              "AdamW state)")] = 4.0,
+    latency_ms: Annotated[Optional[float], typer.Option(help="also time the student ladder (unet widths / 2^t, "
+                                                        "t = 0..6; ONNX) on this machine and name, per configuration, "
+                                                        "the widest student predicting a median case within this")] = None,
+    latency_threads: Annotated[int, typer.Option(help="threads of the latency measurement")] = 1,
 ) -> None:
     """Fingerprint DATASET (spacings, shapes, foreground intensities, class frequencies; cached) and plan each
     configuration (2d, 3d_fullres, 3d_lowres for very large images) with nnU-Net's rules for a CPU budget:
-    target spacing, patch and batch, normalisation, stages and pooling per axis, teacher and student."""
+    target spacing, patch and batch, normalisation, stages and pooling per axis, teacher and student.
+    With --latency-ms, also the widest student that predicts a median case within that time here."""
     from tqdm import tqdm
 
     from medkd.plans import Budget
     from medkd.workflows.plan import fingerprint_lines, make_plans, plans_table, write_plans
 
+    if latency_ms is not None and not latency_ms > 0:
+        raise ValueError(f"--latency-ms must be > 0, got {latency_ms:g}")
     budget = Budget(minutes=minutes, min_steps=min_steps, threads=threads, gmacs_per_thread=gmacs,
                     memory_gb=memory_gb)
     if output is not None and output.exists() and not force:
@@ -46,5 +53,15 @@ def plan_command(
     console.print(plans_table(plans))
     for line in fingerprint_lines(plans):
         console.print(line, markup=False, highlight=False)
+    if latency_ms is not None:
+        from medkd.workflows.latency_ladder import configuration_ladder, ladder_table, ladder_verdict
+
+        plans["latency_ladders"] = {}
+        for name in plans["configurations"]:
+            ladder = configuration_ladder(plans, name, latency_ms, threads=latency_threads,
+                                          note=lambda line: console.print(line, style="dim"))
+            plans["latency_ladders"][name] = ladder
+            console.print(ladder_table(ladder))
+            console.print(ladder_verdict(ladder), markup=False, highlight=False)
     if output is not None:
         console.print(f"written: {write_plans(plans, output, force=force)}")

@@ -7,7 +7,7 @@ what follows it: :class:`TimeBudget` reserves the estimated time of the final va
 post-processing decision (each one sliding-window pass over the validation cases): the number of
 windows (:func:`inference_windows`, MONAI's grid at overlap 0.5) times the measured time of one window,
 corrected by the ratio of measured to estimated time of every validation the loop runs, plus two checkpoint
-writes and one more step (the next one must fit). A resumed run adds this session's wall time to the
+writes, one more step (the next one must fit) and the process's exit. A resumed run adds this session's wall time to the
 ``elapsed_s`` of its checkpoint. What comes before the loop cannot be cut short: a budget smaller than
 start-up, preprocessing and the cache fill is overrun by what they take beyond it (the run trains one step).
 """
@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 SAFETY = 1.25  # the reserve covers 25% more than estimated before a validation has calibrated it
-WINDOW_BATCH = 8  # windows per forward in predict_probabilities
+EXIT_S = 5.0  # after result.json: loader workers, TensorBoard and the interpreter shut down
+CHECKPOINT_BYTES_PER_S = 100e6  # before a checkpoint was timed: weights + AdamW moments written at 100 MB/s
 
 
 def process_started() -> float:
@@ -118,14 +119,15 @@ def inference_windows(shapes: Sequence[Sequence[int]], mode: str, patch: Sequenc
 
 @torch.inference_mode()
 def seconds_per_window(network: nn.Module, in_channels: int, patch: Sequence[int], device: torch.device) -> float:
-    """Measured eval-mode time of one patch-sized forward (a batch of :data:`WINDOW_BATCH`, after a warm-up)."""
+    """Measured eval-mode time of one patch-sized forward (batch 1, after a warm-up: an upper bound per window,
+    as batches of windows run faster per window)."""
     was_training = network.training
     network.eval()
-    x = torch.zeros((WINDOW_BATCH, in_channels, *patch), device=device)
-    network(x[:1])
+    x = torch.zeros((1, in_channels, *patch), device=device)
+    network(x)
     start = time.monotonic()
     network(x)
-    seconds = (time.monotonic() - start) / WINDOW_BATCH
+    seconds = time.monotonic() - start
     network.train(was_training)
     return seconds
 
@@ -135,20 +137,21 @@ class TimeBudget:
 
     ``val_windows``: windows of one validation (the cases the loop validates on); ``final_windows``: of the
     final validation plus the post-processing decision; ``window_s``: measured seconds per window. The reserve
-    also holds two checkpoint writes (their latest duration in ``clock``) and the loop's mean step time.
+    also holds two checkpoint writes (their latest duration in ``clock``, else ``checkpoint_s``), the loop's
+    mean step time and :data:`EXIT_S`.
     """
 
     def __init__(self, max_time_s: float, val_windows: float, final_windows: float, window_s: float,
-                 clock: PhaseClock | None = None):
+                 clock: PhaseClock | None = None, checkpoint_s: float = 0.0):
         self.max_time_s, self.val_windows, self.final_windows = max_time_s, val_windows, final_windows
-        self.window_s, self.calibration, self.clock = window_s, SAFETY, clock
+        self.window_s, self.calibration, self.clock, self.checkpoint_s = window_s, SAFETY, clock, checkpoint_s
         self.first: tuple[float, int] | None = None  # (elapsed, step) when the loop started
         self.step_s = 0.0
 
     @property
     def reserve_s(self) -> float:
-        checkpoints = 2 * self.clock.last.get("checkpoints", 0.0) if self.clock is not None else 0.0
-        return self.final_windows * self.window_s * self.calibration + checkpoints + self.step_s
+        checkpoint_s = self.clock.last.get("checkpoints", self.checkpoint_s) if self.clock else self.checkpoint_s
+        return self.final_windows * self.window_s * self.calibration + 2 * checkpoint_s + self.step_s + EXIT_S
 
     @property
     def loop_s(self) -> float:
@@ -181,4 +184,5 @@ def time_budget(config, val_cases: Sequence, validated_cases: int, network: nn.M
     loop = inference_windows(shapes[:validated_cases], data.mode, data.patch_size, data.whole_slice_inference)
     final = loop + inference_windows(shapes, data.mode, data.patch_size, data.whole_slice_inference)
     window_s = seconds_per_window(network, in_channels, data.patch_size, device) if shapes else 0.0
-    return TimeBudget(config.train.max_time_min * 60.0, loop, final, window_s, clock)
+    checkpoint_s = 16.0 * sum(p.numel() for p in network.parameters()) / CHECKPOINT_BYTES_PER_S
+    return TimeBudget(config.train.max_time_min * 60.0, loop, final, window_s, clock, checkpoint_s)

@@ -182,5 +182,6 @@ def plan_dataset(fingerprint: dict[str, Any], num_classes: int, budget: Budget |
         if lowres is not None:
             configurations["3d_lowres"] = lowres
     summary = {k: v for k, v in fingerprint.items() if k not in ("spacings", "shapes_after_crop")}
-    return {"medkd_plans_version": PLANS_VERSION, "dataset": fingerprint["dataset"], "budget": budget.to_dict(),
+    return {"medkd_plans_version": PLANS_VERSION, "dataset": fingerprint["dataset"], "num_classes": num_classes,
+            "budget": budget.to_dict(),
             "fingerprint": summary, "configurations": configurations}

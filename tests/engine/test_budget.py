@@ -9,7 +9,7 @@ import torch
 from monai.data.utils import dense_patch_slices
 from typer.testing import CliRunner
 
-from medkd.engine.budget import PhaseClock, TimeBudget, inference_windows, sliding_windows
+from medkd.engine.budget import EXIT_S, PhaseClock, TimeBudget, inference_windows, sliding_windows
 
 
 def test_window_count_matches_monai():
@@ -22,15 +22,16 @@ def test_window_count_matches_monai():
 
 def test_reserve_is_calibrated_by_measured_validations():
     budget = TimeBudget(600.0, val_windows=100, final_windows=300, window_s=0.1)
-    assert budget.reserve_s == 300 * 0.1 * 1.25 and budget.loop_s == 600 - 37.5
+    assert budget.reserve_s == 300 * 0.1 * 1.25 + EXIT_S and budget.loop_s == 600 - 37.5 - EXIT_S
     budget.validated(20.0)  # twice the estimate (10 s)
-    assert budget.reserve_s == 60.0 and budget.loop_s == 540.0
+    assert budget.reserve_s == 60.0 + EXIT_S
     assert TimeBudget(60.0, 1e9, 1e9, 1.0).loop_s == 0.6  # never below 1% of the budget
     clock = PhaseClock(time.monotonic())
     clock.add("checkpoints", 2.0)
-    stepping = TimeBudget(100.0, 0, 0, 0.0, clock)
-    assert stepping.fraction(10.0, 0) == 10.0 / 96.0  # two checkpoint writes reserved
-    assert stepping.fraction(14.0, 2) == 14.0 / 94.0  # and the next step (2 s each)
+    stepping = TimeBudget(100.0, 0, 0, 0.0, clock, checkpoint_s=9.0)
+    assert stepping.fraction(10.0, 0) == 10.0 / (96.0 - EXIT_S)  # two checkpoint writes reserved (as timed)
+    assert stepping.fraction(14.0, 2) == 14.0 / (94.0 - EXIT_S)  # and the next step (2 s each)
+    assert TimeBudget(100.0, 0, 0, 0.0, None, checkpoint_s=3.0).reserve_s == 6.0 + EXIT_S  # as estimated
 
 
 def test_clock_reports_phases_and_the_rest():

@@ -94,3 +94,24 @@ def test_zero_spacing_file_is_named_and_negative_spacing_refused(tmp_path, monke
                                                                     np.ones((16, 16, 16), np.int64), negative))
     with pytest.raises(DatasetError, match="case zcase .*spacing"):
         fingerprint.compute_fingerprint(info)
+
+
+def test_latency_ladder_names_the_widest_student_within_the_budget(phantoms_2d, tmp_path):
+    from medkd.workflows.latency_ladder import configuration_ladder, ladder_verdict
+    from medkd.workflows.plan import make_plans
+
+    plans = make_plans(phantoms_2d, cache_dir=tmp_path / "cache")
+    generous = configuration_ladder(plans, "2d", 1e9, repeats=1)
+    rungs = generous["rungs"]
+    assert [r["shrink"] for r in rungs] == list(range(7)) and generous["widest"]["shrink"] == 0
+    assert all(a["parameters"] > b["parameters"] for a, b in zip(rungs, rungs[1:4]))
+    assert all(r["ms_per_case"] == r["ms_per_window"] * generous["windows_per_case"] for r in rungs)
+    assert {r["engine"] for r in rungs} == {"onnx"}
+    between = (rungs[0]["ms_per_case"] + min(r["ms_per_case"] for r in rungs)) / 2
+    picked = configuration_ladder(plans, "2d", between, repeats=1, engine="torch")
+    assert picked["widest"] is None or all(r["ms_per_case"] > between for r in picked["rungs"]
+                                           if r["shrink"] < picked["widest"]["shrink"])
+    none = configuration_ladder(plans, "2d", 1e-6, repeats=1, engine="torch")
+    assert none["widest"] is None and "no rung meets" in ladder_verdict(none)
+    bad = runner.invoke(app, ["plan", str(phantoms_2d), "--latency-ms", "0", "--cache-dir", str(tmp_path / "c")])
+    assert bad.exit_code == 1 and "--latency-ms" in bad.output
