@@ -158,8 +158,7 @@ def train_cmd(opts: dict[str, Any]) -> None:
 @_command_with_training_options
 def distill_cmd(
     teacher: Annotated[Optional[Path], typer.Option(help="teacher checkpoint, or a teacher set (teachers.json or its "
-                                                         "folder, see train-teachers); frozen: eval mode, no gradients; "
-                                                         "not needed with --resume")] = None,
+                                                         "folder); frozen; not needed with --resume")] = None,
     student: Annotated[str, typer.Option(help="student registry name (size via --preset/--shrink; default preset student)")] = "unet",
     recipe: Annotated[str, typer.Option(help="shipped recipe name (see `medkd recipes`) or a YAML file")] = "logit-kd",
     opts: dict[str, Any] = None,

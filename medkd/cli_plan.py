@@ -24,7 +24,9 @@ def plan_command(
     min_steps: Annotated[int, typer.Option(help="budget: teacher steps those minutes must hold")] = 300,
     threads: Annotated[int, typer.Option(help="budget: CPU threads of a run")] = 2,
     gmacs: Annotated[float, typer.Option(help="budget: training GMAC/s of one thread (forward + backward = 3x "
-                                         "forward MACs); 20 measured on medkd's 3D UNet, fp32, 1 CPU thread")] = 20.0,
+                                         "forward MACs); 20 measured on medkd's 3D UNet, fp32, 1 idle CPU thread")] = 20.0,
+    measure: Annotated[bool, typer.Option("--measure", help="measure --gmacs on this machine now (a few seconds; "
+                                          "under load it is lower, and so are the planned patches)")] = False,
     memory_gb: Annotated[float, typer.Option(help="budget: memory of a training step (activations, weights, "
                                              "AdamW state)")] = 4.0,
     latency_ms: Annotated[Optional[float], typer.Option(help="also time the student ladder (unet widths / 2^t, "
@@ -43,6 +45,11 @@ def plan_command(
 
     if latency_ms is not None and not latency_ms > 0:
         raise ValueError(f"--latency-ms must be > 0, got {latency_ms:g}")
+    if measure:
+        from medkd.plans.cost import measure_gmacs_per_thread
+
+        gmacs = measure_gmacs_per_thread(threads)
+        console.print(f"measured: {gmacs:.1f} GMAC/s per thread with {threads} thread(s)")
     budget = Budget(minutes=minutes, min_steps=min_steps, threads=threads, gmacs_per_thread=gmacs,
                     memory_gb=memory_gb)
     if output is not None and output.exists() and not force:

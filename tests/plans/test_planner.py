@@ -75,3 +75,10 @@ def test_images_without_physical_spacing_are_not_resampled():
     assert list(plans["configurations"]) == ["2d"]
     assert plans["configurations"]["2d"]["target_spacing"] is None
     assert plans["configurations"]["2d"]["patch_size"] == [96, 96]
+
+
+def test_throughput_is_measured_on_this_machine():
+    from medkd.plans.cost import measure_gmacs_per_thread
+
+    gmacs = measure_gmacs_per_thread(threads=1, steps=1)
+    assert 0.1 < gmacs < 1000  # GMAC/s of one CPU thread: plausible, not a constant
