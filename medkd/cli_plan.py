@@ -38,10 +38,8 @@ def plan_command(
     configuration (2d, 3d_fullres, 3d_lowres for very large images) with nnU-Net's rules for a CPU budget:
     target spacing, patch and batch, normalisation, stages and pooling per axis, teacher and student.
     With --latency-ms, also the widest student that predicts a median case within that time here."""
-    from tqdm import tqdm
-
     from medkd.plans import Budget
-    from medkd.workflows.plan import fingerprint_lines, make_plans, plans_table, write_plans
+    from medkd.workflows.plan import fingerprint_bar, fingerprint_lines, make_plans, plans_table, write_plans
 
     if latency_ms is not None and not latency_ms > 0:
         raise ValueError(f"--latency-ms must be > 0, got {latency_ms:g}")
@@ -54,9 +52,7 @@ def plan_command(
                     memory_gb=memory_gb)
     if output is not None and output.exists() and not force:
         raise FileExistsError(f"{output} exists; choose another -o or pass --force to replace it")
-    plans = make_plans(dataset, cache_dir=cache_dir, budget=budget,
-                       progress=lambda cases: tqdm(cases, desc="fingerprint (reading every training case)",
-                                                   unit="case", mininterval=1.0))
+    plans = make_plans(dataset, cache_dir=cache_dir, budget=budget, progress=fingerprint_bar)
     console.print(plans_table(plans))
     for line in fingerprint_lines(plans):
         console.print(line, markup=False, highlight=False)

@@ -38,6 +38,13 @@ def make_plans(dataset: str | Path, *, cache_dir: str | Path | None = None, budg
     return plans
 
 
+def fingerprint_bar(cases: Iterable[Any]) -> Iterable[Any]:
+    """The training cases behind a progress bar naming the work (fingerprinting reads every one, once)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(cases, desc="fingerprint (reading every training case once)", unit="case", mininterval=1.0)
+
+
 def write_plans(plans: Mapping[str, Any], path: str | Path, *, force: bool = False) -> Path:
     """Write ``plans`` as JSON to ``path`` (atomic); an existing file is refused unless ``force``."""
     path = Path(path)
@@ -171,7 +178,8 @@ def planned_overrides(overrides: Mapping[str, Any], file_tree: Mapping[str, Any]
     elif dataset is None:
         return dict(overrides)
     else:
-        plans, source = make_plans(dataset, cache_dir=given("data.cache_dir")), f"the plan of {dataset}"
+        plans = make_plans(dataset, cache_dir=given("data.cache_dir"), progress=fingerprint_bar)
+        source = f"the plan of {dataset}"
         if configuration is None and choose_default(plans, mode) is None:
             return dict(overrides)
     name = choose_configuration(plans, configuration, mode, source)
