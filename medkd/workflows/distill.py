@@ -1,7 +1,8 @@
 """The config of a distillation run (``medkd distill``) from a teacher, a student and a recipe.
 
 Precedence, lowest first: the (first) teacher's data settings (only without a config file, which
-takes their place; never its ``data_fraction``), the student and the recipe (``model.name``,
+takes their place; never its ``data_fraction``; its plan, if it had one, gives the student's network), the
+student and the recipe (``model.name``,
 ``model.preset`` = ``student``, the ``distill`` section, the recipe's ``data.data_fraction``), then the
 caller's dotted-key overrides. :func:`medkd.workflows.train.train_run` runs the result.
 """
@@ -36,6 +37,8 @@ def distill_defaults(teacher: str | Path | None, student: str = "unet", recipe: 
                 "distill": {"teacher": str(teacher), "recipe": recipe_spec.model_dump(mode="json")}}
     if recipe_spec.data.data_fraction is not None:
         defaults["data.data_fraction"] = recipe_spec.data.data_fraction
+    if teacher_data and teacher_cfg.get("plan"):  # the student takes its network from the teacher's plan
+        defaults["plan"] = teacher_cfg["plan"]
     return defaults
 
 

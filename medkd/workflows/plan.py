@@ -164,7 +164,8 @@ def planned_overrides(overrides: Mapping[str, Any], file_tree: Mapping[str, Any]
                       configuration: str | None, note: Callable[[str], Any] = print) -> dict[str, Any]:
     """``overrides`` (flags, ``--set``, a command's defaults) over the defaults of a plan, for keys that neither
     they nor the config file (``file_tree``) set. The plan is the file ``plan`` or, without one, made now from the
-    dataset (cached fingerprint); without a dataset, or when no configuration fits an explicit ``data.mode``
+    dataset (cached fingerprint), or the plan stored in ``overrides`` (a distillation run's teacher's); without a
+    dataset, or when no configuration fits an explicit ``data.mode``
     (a 2D dataset asked for 3D) and none was named, ``overrides`` are returned unchanged."""
     explicit = set(overrides) | _explicit_keys(file_tree)
 
@@ -173,8 +174,12 @@ def planned_overrides(overrides: Mapping[str, Any], file_tree: Mapping[str, Any]
         return overrides.get(key, (file_tree.get(section) or {}).get(name, default))
 
     mode, dataset = given("data.mode"), given("data.dataset")
+    stored = overrides.get(PLAN_KEY)  # a distillation run's default: the plan its teacher was configured from
     if plan is not None:
         plans, source = load_plans(plan), str(plan)
+    elif isinstance(stored, dict) and isinstance(stored.get("plans"), dict):
+        plans, source = stored["plans"], "the teacher's plan"
+        configuration = configuration or stored.get("configuration")
     elif dataset is None:
         return dict(overrides)
     else:

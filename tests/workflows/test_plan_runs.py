@@ -59,3 +59,20 @@ def test_train_without_a_plan_plans_and_stores_it_in_the_run(phantoms_2d, tmp_pa
     assert config["data"]["patch_size"] == planned["patch_size"] and config["data"]["batch_size"] == planned["batch_size"]
     assert config["model"]["kwargs"]["channels"] == planned["student"]["channels"]
     assert json.loads((run / "result.json").read_text())["steps"] == 2
+
+
+def test_distill_takes_the_student_network_from_the_teachers_plan(phantoms_2d, tmp_path):
+    common = ["--max-steps", "1", "--num-workers", "0", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+              "--set", "train.progress=false"]
+    teacher = tmp_path / "teacher"
+    result = runner.invoke(app, ["train", "--dataset", str(phantoms_2d), "--run-dir", str(teacher), *common])
+    assert result.exit_code == 0, result.output
+    student = tmp_path / "student"
+    result = runner.invoke(app, ["distill", "--teacher", str(teacher / "best.pt"), "--run-dir", str(student), *common])
+    assert result.exit_code == 0, result.output
+    assert "the teacher's plan" in result.output
+    taught, learnt = (yaml.safe_load((run / "config.yaml").read_text()) for run in (teacher, student))
+    planned = taught["plan"]["plans"]["configurations"]["2d"]
+    assert learnt["plan"] == taught["plan"]
+    assert learnt["model"]["shrink"] == planned["student"]["shrink"] and learnt["model"]["preset"] == "student"
+    assert learnt["data"]["patch_size"] == taught["data"]["patch_size"] == planned["patch_size"]
