@@ -165,8 +165,8 @@ def planned_overrides(overrides: Mapping[str, Any], file_tree: Mapping[str, Any]
     """``overrides`` (flags, ``--set``, a command's defaults) over the defaults of a plan, for keys that neither
     they nor the config file (``file_tree``) set. The plan is the file ``plan`` or, without one, made now from the
     dataset (cached fingerprint), or the plan stored in ``overrides`` (a distillation run's teacher's); without a
-    dataset, or when no configuration fits an explicit ``data.mode``
-    (a 2D dataset asked for 3D) and none was named, ``overrides`` are returned unchanged."""
+    dataset, or when no configuration fits an explicit ``data.mode`` (a 2D dataset asked for 3D) and none was
+    named, ``overrides`` are returned unchanged."""
     explicit = set(overrides) | _explicit_keys(file_tree)
 
     def given(key: str, default: Any = None) -> Any:
@@ -194,8 +194,9 @@ def planned_overrides(overrides: Mapping[str, Any], file_tree: Mapping[str, Any]
     kwargs = merged.get("model.kwargs")
     if "model.kwargs" not in explicit and kwargs and not _divides(given("data.patch_size") or merged["data.patch_size"],
                                                                   kwargs["strides"]):
-        merged.pop("model.kwargs")
-        merged.pop("model.shrink", None)  # the planned strides do not divide the given patch: registry defaults
+        merged.pop("model.kwargs")  # the planned strides do not divide the given patch: registry defaults
+        if "model.shrink" not in explicit:
+            merged.pop("model.shrink", None)
     note(f"plan: configuration {name} of {source} (patch {merged.get('data.patch_size', given('data.patch_size'))}, "
          f"batch {merged.get('data.batch_size', given('data.batch_size'))}); flags, --set and --config override it")
     return merged

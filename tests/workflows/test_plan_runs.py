@@ -39,6 +39,10 @@ def test_a_plan_fills_what_flags_and_config_file_leave_open(phantoms_3d, tmp_pat
     other = planned_overrides(_overrides(phantoms_3d, tmp_path / "cache", **{"model.name": "segresnet"}), {},
                               plan=path, configuration="2d", note=lambda _: None)
     assert "model.kwargs" not in other and other["data.mode"] == "2d"
+    odd = planned_overrides(_overrides(phantoms_3d, tmp_path / "cache", **{"data.patch_size": [24, 44, 44],
+                                                                          "model.shrink": 2}), {},
+                            plan=path, configuration="3d_fullres", note=lambda _: None)
+    assert "model.kwargs" not in odd and odd["model.shrink"] == 2  # strides that do not divide: registry defaults
     with pytest.raises(ConfigError, match="3d_lowres"):
         planned_overrides(_overrides(phantoms_3d, tmp_path / "cache"), {}, plan=path, configuration="3d_lowres")
     with pytest.raises(ConfigError, match="contradicts"):
