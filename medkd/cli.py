@@ -103,6 +103,8 @@ def _train_options(
     unlabeled: Annotated[Optional[list[Path]], typer.Option(metavar="DIR", help="distill: folder of unlabelled "
                                                             "images (CASE_XXXX<ending>); repeatable")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --run-dir from last.pt")] = False,
+    plan: Annotated[Optional[Path], typer.Option(help="plans.json of `medkd plan` (default: plan from the dataset)")] = None,
+    configuration: Annotated[Optional[str], typer.Option(help="of the plan: 2d, 3d_fullres or 3d_lowres")] = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """The options shared by train and distill (collected, not acted on)."""
@@ -155,8 +157,8 @@ def train_cmd(opts: dict[str, Any]) -> None:
 @app.command("distill")
 @_command_with_training_options
 def distill_cmd(
-    teacher: Annotated[Path, typer.Option(help="teacher checkpoint, or a teacher set (teachers.json or its folder, "
-                                               "see train-teachers); frozen: eval mode, no gradients")],
+    teacher: Annotated[Optional[Path], typer.Option(help="teacher checkpoint, or a teacher set (teachers.json or its "
+                                                         "folder); frozen; not needed with --resume")] = None,
     student: Annotated[str, typer.Option(help="student registry name (size via --preset/--shrink; default preset student)")] = "unet",
     recipe: Annotated[str, typer.Option(help="shipped recipe name (see `medkd recipes`) or a YAML file")] = "logit-kd",
     opts: dict[str, Any] = None,
@@ -205,13 +207,13 @@ def train_teachers_cmd(
 
     Options given with --resume must match OUT/plan.json; with none, the stored plan is used.
     """
-    from medkd.workflows.train import config_overrides
+    from medkd.workflows.train import run_overrides
     from medkd.workflows.train_teachers import run_teacher_set
 
     _setup_logging(opts["verbose"])
     if opts["run_dir"] is not None and out is not None and opts["run_dir"] != out:
         raise ValueError("give the teacher-set folder once: --out (--run-dir is an alias)")
-    teachers = run_teacher_set(out or opts["run_dir"], kind, opts["config"], config_overrides(opts),
+    teachers = run_teacher_set(out or opts["run_dir"], kind, opts["config"], run_overrides(opts, note=err_console.print),
                                resume=opts["resume"], members=members, models=_comma_list(models),
                                losses=_comma_list(losses), subsets=subsets, aux_weight=aux_weight,
                                aux_tap=aux_tap, group_by=None if group_by == "random" else group_by)
@@ -393,6 +395,8 @@ def report_cmd(study_dir: Annotated[Path, typer.Argument(help="folder of a finis
     console.print(f"written: {', '.join(str(p) for p in write_report(study_dir))}")
 
 
+from medkd.cli_plan import plan_command  # noqa: E402  (commands of their own module)
+app.command("plan")(plan_command)
 guard_commands(app, err_console)  # every command: one line and an exit code on an expected error
 
 

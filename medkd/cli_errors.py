@@ -9,7 +9,8 @@ a process ended by that signal. Anything else is a bug and keeps its traceback;
 
 Files are written atomically (:mod:`medkd.storage`), so a failed write leaves the previous file, or
 none, and no temporary file. :func:`guard_commands` applies this to every command of the app once,
-so no command needs its own handling.
+so no command needs its own handling. Third-party ``FutureWarning``/``DeprecationWarning`` (MONAI, PyTorch...)
+are kept out of a command's normal output; ``MEDKD_DEBUG=1`` shows them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import warnings
 from typing import Any, Callable
 
 import typer
@@ -77,7 +79,11 @@ def guard(func: Callable[..., Any], console: Console) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                if not os.environ.get("MEDKD_DEBUG"):  # third-party deprecations are not the user's to act on
+                    for category in (FutureWarning, DeprecationWarning):
+                        warnings.filterwarnings("ignore", category=category)
+                return func(*args, **kwargs)
         except _expected_errors() as err:
             if os.environ.get("MEDKD_DEBUG"):
                 raise

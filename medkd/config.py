@@ -4,7 +4,8 @@ A run is described by three sections, mirroring how nnU-Net separates concerns:
 
 * ``data``  - which dataset and fold, preprocessing, 2D/3D sampling and augmentation;
 * ``model`` - a registry name plus size preset (see :mod:`medkd.models.registry`);
-* ``train`` - loss, optimiser, budget, validation, checkpointing and devices.
+* ``train`` - loss, optimiser, budget, validation, checkpointing and devices;
+* ``plan``  - (optional) the ``medkd plan`` configuration the run's defaults came from.
 
 The fully resolved config is written to every run directory as ``config.yaml``; loading that file
 reproduces the run. Unknown keys are errors, so a typo never silently falls back to a default.
@@ -163,6 +164,8 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_epochs=50))
     distill: DistillConfig | None = None
+    plan: dict[str, Any] | None = Field(None, description="the plan this run was configured from (`medkd plan`): "
+                                        "{configuration, plans}; stored for reference, the keys above are what runs")
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -17,12 +17,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medkd"
 FLOORS = {
     "storage": 0,
     "models": 1, "losses": 1,
-    "config": 2, "data": 2, "recipes": 2,
+    "config": 2, "data": 2, "recipes": 2, "plans": 2,
     "teachers": 3,
     "engine": 4,
     "evaluation": 5, "deploy": 5,
     "workflows": 6,
-    "cli": 7, "cli_errors": 7, "__main__": 7,
+    "cli": 7, "cli_errors": 7, "cli_plan": 7, "__main__": 7,
 }
 
 #: (importing module, imported module) pairs that break the floor rule on purpose, each with its reason.

@@ -113,6 +113,15 @@ def file_ending(path: PathLike) -> str:
 UNCERTAINTY_SUFFIX = "_uncertainty"
 
 
+#: endings whose files carry no physical spacing (their unit is the pixel)
+PIXEL_ENDINGS = (".png",)
+
+
+def has_physical_spacing(ending: str) -> bool:
+    """Whether images of this ending (``".png"``, ``".nii.gz"``...) carry a physical spacing in mm; PNGs do not."""
+    return ending.lower() not in PIXEL_ENDINGS
+
+
 def uncertainty_file(segmentation: PathLike) -> Path:
     """Where the uncertainty map of a segmentation file goes: ``CASE.ext`` -> ``CASE_uncertainty.ext``.
 

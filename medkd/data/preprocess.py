@@ -295,6 +295,15 @@ def _preprocess_and_store(args: tuple[Case, DatasetInfo, PreprocessingPlan, Path
     return props
 
 
+def _bar(total: int, description: str, enabled: bool):
+    """``iterable -> iterable`` showing a tqdm bar of ``total`` cases when ``enabled``."""
+    if not enabled:
+        return lambda items: items
+    from tqdm.auto import tqdm
+
+    return lambda items: tqdm(items, total=total, desc=description, unit="case", mininterval=1.0)
+
+
 def default_cache_root() -> Path:
     return Path(os.environ.get("MEDKD_CACHE", ".cache/medkd"))
 
@@ -342,8 +351,9 @@ class PreprocessedStore:
                 return None, why
         return props, None
 
-    def ensure(self, cases: Sequence[Case], num_workers: int = 2) -> list[PreprocessedCase]:
-        """Preprocess what is missing, stale or damaged (in parallel), reuse the rest; keeps ``cases`` order.
+    def ensure(self, cases: Sequence[Case], num_workers: int = 2, progress: bool = False) -> list[PreprocessedCase]:
+        """Preprocess what is missing, stale or damaged (in parallel, with a progress bar if ``progress``),
+        reuse the rest; keeps ``cases`` order.
 
         A damaged entry (size, dtype, shape or CRC-32 differ from its record) is rebuilt with a warning
         naming the case; its id is in :attr:`rebuilt` afterwards.
@@ -358,11 +368,12 @@ class PreprocessedStore:
         todo = [case for case in cases if cached[case.case_id] is None]
         if todo:
             jobs = [(case, self.dataset, self.plan, self.folder) for case in todo]
+            bar = _bar(len(jobs), f"preprocess {self.dataset.name} into the cache", progress)
             if num_workers > 1 and len(todo) > 1:
                 with ProcessPoolExecutor(max_workers=num_workers, initializer=_single_threaded) as pool:
-                    results = list(pool.map(_preprocess_and_store, jobs))
+                    results = list(bar(pool.map(_preprocess_and_store, jobs)))
             else:
-                results = [_preprocess_and_store(job) for job in jobs]
+                results = [_preprocess_and_store(job) for job in bar(jobs)]
             cached.update({case.case_id: props for case, props in zip(todo, results)})
         self.last_reused = len(cases) - len(todo)
         return [self._entry(case, cached[case.case_id]) for case in cases]

@@ -111,17 +111,18 @@ def _unlabeled_cases(cfg: DataConfig, dataset: DatasetInfo, hidden_ids: list[str
 
 
 def prepare_training_data(cfg: DataConfig, seed: int = 0, check: bool | None = None,
-                          with_unlabeled: bool = False) -> TrainingData:
+                          with_unlabeled: bool = False, progress: bool = False) -> TrainingData:
     """Check the dataset, split it, plan preprocessing and fill the cache (reusing what is there).
 
-    ``with_unlabeled`` (distillation) also prepares the unlabelled images (see :class:`TrainingData`).
+    ``with_unlabeled`` (distillation) also prepares the unlabelled images (see :class:`TrainingData`);
+    ``progress`` shows bars for the check and for the cases preprocessed now.
     """
     if cfg.dataset is None:
         raise ValueError("data.dataset is not set: pass --dataset or set it in the config")
     root = Path(cfg.dataset)
     check = cfg.check if check is None else check
     if check:
-        _raise_errors(root, check_dataset(root, include_test=False))
+        _raise_errors(root, check_dataset(root, include_test=False, progress=progress))
     dataset = load_dataset(root)
     train_ids, val_ids = split_case_ids(cfg, dataset, seed=seed)
     train_ids, hidden_ids = split_labels(cfg, train_ids)
@@ -130,12 +131,13 @@ def prepare_training_data(cfg: DataConfig, seed: int = 0, check: bool | None = N
                      target_spacing=cfg.target_spacing, crop_nonzero=cfg.crop_nonzero)
     store = PreprocessedStore(dataset, plan, cfg.cache_dir)
     workers = max(1, cfg.num_workers)
-    train = store.ensure(train_cases, num_workers=workers)
-    val = store.ensure([dataset.case(i) for i in val_ids], num_workers=workers)
+    train = store.ensure(train_cases, num_workers=workers, progress=progress)
+    val = store.ensure([dataset.case(i) for i in val_ids], num_workers=workers, progress=progress)
     unlabeled = []
     if with_unlabeled:
         unlabeled = [dataclasses.replace(c, label_path=None, locations_path=None)
-                     for c in store.ensure(_unlabeled_cases(cfg, dataset, hidden_ids, check), num_workers=workers)]
+                     for c in store.ensure(_unlabeled_cases(cfg, dataset, hidden_ids, check), num_workers=workers,
+                                          progress=progress)]
     log.info("data: %d labelled training / %d unlabelled / %d validation cases, cache %s",
              len(train), len(unlabeled), len(val), store.folder)
     return TrainingData(dataset=dataset, plan=plan, train=train, val=val, unlabeled=unlabeled)

@@ -325,7 +325,8 @@ def distill_task_factory(config: RunConfig):
             cache = TeacherOutputCache.for_teachers(teacher_set, data.plan, spec, data.dataset.num_classes,
                                                     cfg.data.patch_size, cfg.data.cache_dir)
             distiller.attach_cache(cache.ensure([*data.train, *data.unlabeled], networks, mode=cfg.data.mode,
-                                                in_channels=data.dataset.num_channels, device=_cache_device(cfg)))
+                                                in_channels=data.dataset.num_channels, device=_cache_device(cfg),
+                                                progress=cfg.train.progress))
         return distiller
 
     return factory

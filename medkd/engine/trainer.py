@@ -41,7 +41,9 @@ from torch import nn
 
 from medkd.config import ConfigError, RunConfig, save_config
 from medkd.data.loaders import PatchDataset, make_train_loader
+from medkd.engine.budget import PhaseClock, TimeBudget, time_budget
 from medkd.engine.data_setup import TrainingData, prepare_training_data
+from medkd.engine.fabric_setup import make_optimizer, progress_bar, resolve_precision  # noqa: F401 (re-exported)
 from medkd.engine.preemption import IgnoreStopSignals, StopSignals, TrainingInterrupted
 from medkd.engine.ranks import agree_on_run_dir, weight_digests
 from medkd.engine.run_dir import CSVLog, RunClaim, check_run_dir, claim_run_dir, trim_log
@@ -68,26 +70,6 @@ class TrainResult:
     global_rank: int = 0  # of the process that returns it (a DDP run returns one per rank)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse early a run that could not claim ``run_dir`` (see :func:`medkd.engine.run_dir.check_run_dir`)."""
-    check_run_dir(Path(run_dir), resume)
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    if precision != "auto":
-        return precision
-    gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-    if not gpu:
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
-
-
-def make_optimizer(params, cfg) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
 def default_task(network: nn.Module, data: TrainingData, config: RunConfig) -> nn.Module:
     return SupervisedTask(network, build_supervised_loss(config.train.loss))
 
@@ -97,13 +79,14 @@ class Trainer:
 
     def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False,
                  task_factory: TaskFactory = default_task, callbacks: Sequence[Any] = (),
-                 extra_checkpoint: dict[str, Any] | None = None):
+                 extra_checkpoint: dict[str, Any] | None = None, clock: PhaseClock | None = None):
         self.config = config
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.task_factory = task_factory
         self.callbacks = list(callbacks)
         self.extra_checkpoint = extra_checkpoint or {}
+        self.clock = clock or PhaseClock(time.monotonic())  # wall time by phase, from the command's start if given
         tcfg = config.train
         tcfg.precision = resolve_precision(tcfg.precision, tcfg.accelerator)  # the saved config says what ran
         self.fabric = Fabric(accelerator=tcfg.accelerator, devices=tcfg.devices, num_nodes=tcfg.num_nodes,
@@ -123,12 +106,15 @@ class Trainer:
         distilling = cfg.distill is not None  # only distillation learns from unlabelled images
         if fabric.is_global_zero:
             check_run_dir(self.run_dir, self.resume)
-            self.data = prepare_training_data(cfg.data, seed=cfg.train.seed, with_unlabeled=distilling)
+            with self.clock.phase("preprocess"):
+                self.data = prepare_training_data(cfg.data, seed=cfg.train.seed, with_unlabeled=distilling,
+                                                  progress=cfg.train.progress)
         fabric.barrier()
         if not fabric.is_global_zero:  # the cache is filled now: this only reads it
             self.data = prepare_training_data(cfg.data, seed=cfg.train.seed, check=False, with_unlabeled=distilling)
         fabric.seed_everything(cfg.train.seed, verbose=False)
-        task = self._task()
+        with self.clock.phase("task_setup"):  # a distillation task fills the teacher-output cache here
+            task = self._task()
         params = [p for p in task.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, cfg.train)
         self.state = {"step": 0, "elapsed_s": 0.0, "best_metric": -math.inf, "best_step": 0, "last_val": []}
@@ -201,18 +187,23 @@ class Trainer:
             **self.state,
             **self.extra_checkpoint,
         }
-        save_checkpoint(state, self.run_dir / name)
+        with self.clock.phase("checkpoints"):
+            save_checkpoint(state, self.run_dir / name)
         if name == "last.pt":
             self.checkpointed = True
 
-    def _validate(self, step: int) -> None:
+    def _validate(self, step: int, phase: str = "validation") -> None:
         cfg = self.config
         metric = float("nan")
         if self.fabric.is_global_zero and self.data.val:
-            cases = self.data.val[: cfg.train.val_max_cases] if cfg.train.val_max_cases else self.data.val
-            dice = validate(self.raw_task.network, cases, mode=cfg.data.mode, patch_size=cfg.data.patch_size,
+            start = time.monotonic()
+            dice = validate(self.raw_task.network, self._val_cases(), mode=cfg.data.mode, patch_size=cfg.data.patch_size,
                             num_classes=self.data.dataset.num_classes, device=self.fabric.device,
-                            amp=self.fabric.device.type == "cuda", whole_slice=cfg.data.whole_slice_inference)
+                            amp=self.fabric.device.type == "cuda", whole_slice=cfg.data.whole_slice_inference,
+                            progress=cfg.train.progress)
+            self.clock.add(phase, time.monotonic() - start)
+            if self.budget is not None:
+                self.budget.validated(time.monotonic() - start)
             metric = float(np.nanmean(dice)) if not np.all(np.isnan(dice)) else 0.0
             self.state["last_val"] = [float(d) for d in dice]
             names = self.data.dataset.class_names[1:]
@@ -231,15 +222,18 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
 
+    def _val_cases(self) -> list:
+        limit = self.config.train.val_max_cases
+        return self.data.val[:limit] if limit else self.data.val
+
     def _progress(self, elapsed: float, step: int, total_steps: int | None) -> float:
-        max_time = self.config.train.max_time_min
         fractions = [step / total_steps] if total_steps else []
-        if max_time:
-            fractions.append(elapsed / (max_time * 60.0))
+        if self.budget is not None:
+            fractions.append(self.budget.fraction(elapsed, step))
         return min(1.0, max(fractions))
 
     def _should_stop(self, elapsed: float, step: int, total_steps: int | None) -> bool:
-        done = self._progress(elapsed, step, total_steps) >= 1.0
+        done = step > 0 and self._progress(elapsed, step, total_steps) >= 1.0  # a run trains at least one step
         if self.config.train.max_time_min and self.fabric.world_size > 1:
             done = bool(self.fabric.broadcast(done))
         return done
@@ -254,6 +248,7 @@ class Trainer:
         self.run_dir = agree_on_run_dir(self.fabric, self.run_dir)
         self.claim: RunClaim | None = None
         self.checkpointed = self.resume  # whether run_dir holds a last.pt to resume from
+        self.budget: TimeBudget | None = None
         self.stops = StopSignals()
         try:
             with self.stops:
@@ -293,10 +288,13 @@ class Trainer:
         loader.worker_init_fn = IgnoreStopSignals(loader.worker_init_fn)  # the main process stops them
         batches = iter(loader)
         total_steps = tcfg.step_budget()
-        step, started = self.state["step"], time.monotonic() - self.state["elapsed_s"]
+        self.budget = time_budget(cfg, self.data.val, len(self._val_cases()), self.raw_task.network, fabric.device,
+                                  self.data.dataset.num_channels, self.clock)  # elapsed: the command's + earlier
+        step, started = self.state["step"], self.clock.started - self.state["elapsed_s"]
         bar = self._progress_bar(total_steps, step)
         self.task.train()
         self.stops.deferred = True
+        loop_start, validated = time.monotonic(), self.clock.phases.get("validation", 0.0)
         try:
             while not self._should_stop(time.monotonic() - started, step, total_steps):
                 lr = tcfg.lr * (1.0 - self._progress(time.monotonic() - started, step, total_steps)) ** tcfg.poly_exponent
@@ -318,6 +316,7 @@ class Trainer:
                 self._stop_if_signalled(step)
         finally:
             self.stops.deferred = False
+            self.clock.add("train", time.monotonic() - loop_start - self.clock.phases.get("validation", 0.0) + validated)
             if bar is not None:
                 bar.close()
             if self.tb:
@@ -361,17 +360,13 @@ class Trainer:
                 callback.on_step_end(self, step, terms)
 
     def _progress_bar(self, total_steps: int | None, step: int):
-        if not (self.config.train.progress and self.fabric.is_global_zero):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total_steps, initial=step, desc=f"train {self.run_dir.name}", unit="step",
-                    mininterval=1.0, dynamic_ncols=True)
+        if self.config.train.progress and self.fabric.is_global_zero:
+            return progress_bar(total_steps, step, f"train {self.run_dir.name}")
 
     def _finish(self, step: int) -> TrainResult:
         digests = weight_digests(self.fabric, [self.raw_task.network, self.raw_task.extra_modules()])
         if step % self.config.train.val_every != 0 or not self.state["last_val"]:
-            self._validate(step)
+            self._validate(step, "final_validation")
         self._checkpoint("last.pt")
         if self.fabric.is_global_zero and not (self.run_dir / "best.pt").exists():
             self._checkpoint("best.pt")
@@ -381,7 +376,10 @@ class Trainer:
             summary = {**{k: v for k, v in result.__dict__.items() if k != "global_rank"},
                        "run_dir": str(self.run_dir), "class_names": self.data.dataset.class_names[1:],
                        "world_size": self.fabric.world_size, "ranks_in_sync": len(set(digests)) == 1, "rank_weight_sha256": digests}
-            decide_run_postprocessing(self.run_dir / "best.pt", self.data.val, device=self.fabric.device)
+            with self.clock.phase("postprocess"):
+                decide_run_postprocessing(self.run_dir / "best.pt", self.data.val, device=self.fabric.device,
+                                          progress=self.config.train.progress)
+            summary.update(max_time_min=self.config.train.max_time_min, phases_s=self.clock.report())
             atomic_write_text(self.run_dir / "result.json", json.dumps(summary, indent=1))
         return result
 
@@ -391,7 +389,7 @@ def train(config: RunConfig | None, run_dir: str | Path, resume: bool = False, *
     if resume:
         from medkd.config import load_config
 
-        prepare_run_dir(Path(run_dir), resume=True)
+        check_run_dir(Path(run_dir), resume=True)  # refuse early a run that could not be claimed
         config = load_config(Path(run_dir) / "config.yaml")
     if config.distill is not None and "task_factory" not in kwargs:
         from medkd.engine.distill import distill_task_factory

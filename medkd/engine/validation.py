@@ -25,6 +25,15 @@ from medkd.storage import load_checkpoint
 from medkd.teachers.manifest import TeacherSet, is_manifest
 
 
+def case_bar(cases: Sequence[Any], description: str, enabled: bool) -> Any:
+    """``cases``, behind a transient tqdm bar naming the work when ``enabled``."""
+    if not enabled:
+        return cases
+    from tqdm.auto import tqdm
+
+    return tqdm(cases, desc=description, unit="case", leave=False, mininterval=1.0)
+
+
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
     """Foreground Dice per class for label maps (*spatial); NaN where the class is absent from both."""
     pred_1h = one_hot(pred[None, None].long(), num_classes)
@@ -38,14 +47,15 @@ def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int) ->
 
 def validate(model: nn.Module, cases: Sequence[PreprocessedCase], *, mode: str, patch_size: Sequence[int],
              num_classes: int, device: torch.device | str = "cpu", amp: bool = False,
-             whole_slice: bool = False) -> np.ndarray:
+             whole_slice: bool = False, progress: bool = False) -> np.ndarray:
     """Mean Dice per foreground class over ``cases`` (NaN-aware). Restores the model's train mode.
 
     2D mode slides a window of ``patch_size`` over each slice, or predicts whole slices with ``whole_slice``.
+    ``progress`` shows a (transient) bar of the cases.
     """
     was_training = model.training
     scores = []
-    for case in cases:
+    for case in case_bar(cases, f"validate on {len(cases)} case(s)", progress):
         probs = predict_probabilities(model, case.load_image(), mode=mode, patch_size=patch_size,
                                       device=device, amp=amp, whole_slice=whole_slice)
         label = torch.from_numpy(np.array(case.load_label()[0]))
@@ -60,7 +70,7 @@ def validate(model: nn.Module, cases: Sequence[PreprocessedCase], *, mode: str, 
 
 def decide_run_postprocessing(checkpoint: str | Path, cases: Sequence[PreprocessedCase], *,
                               device: torch.device | str = "cpu", output: str | Path | None = None,
-                              whole_slice: bool | None = None) -> dict[str, Any]:
+                              whole_slice: bool | None = None, progress: bool = False) -> dict[str, Any]:
     """Decide post-processing for ``checkpoint`` on the preprocessed validation ``cases`` and write it.
 
     Predictions are made as in validation (the run's mode, patch size and whole-slice setting,
@@ -73,7 +83,7 @@ def decide_run_postprocessing(checkpoint: str | Path, cases: Sequence[Preprocess
     predictor = Predictor(checkpoint, device=str(device), amp=device.type == "cuda", whole_slice=whole_slice,
                           postprocess=False)
     predictions, references = [], []
-    for case in cases:
+    for case in case_bar(cases, f"post-processing: predict {len(cases)} validation case(s)", progress):
         probs = predict_probabilities(predictor.model, case.load_image(), mode=predictor.plan.mode,
                                       patch_size=predictor.patch_size, device=device, amp=predictor.amp,
                                       whole_slice=predictor.whole_slice)

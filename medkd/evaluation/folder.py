@@ -123,7 +123,7 @@ def evaluate_folder(
     :data:`medkd.data.io.SUPPORTED_ENDINGS`, or only ``file_ending`` when given).
     Other files (and hidden ones) are ignored, and so are the uncertainty maps
     (``CASE_uncertainty<ending>`` beside ``CASE<ending>``) of an ensemble's prediction folder.
-    Distances use the reference's spacing.
+    Distances use the reference's spacing: mm, or pixels without a physical spacing (PNG): ``distance_unit``.
 
     Args:
         pred_dir: folder with predicted label maps.
@@ -165,4 +165,5 @@ def evaluate_folder(
         with ThreadPoolExecutor(max_workers=num_workers) as pool:
             per_pair = list(pool.map(run, pairs))
     foreground_names = [name for value, name in names.items() if value != BACKGROUND]
-    return EvaluationResult([row for rows in per_pair for row in rows], class_names=foreground_names)
+    unit = "mm" if all(image_io.has_physical_spacing(image_io.file_ending(ref)) for _, _, ref in pairs) else "px"
+    return EvaluationResult([row for rows in per_pair for row in rows], foreground_names, distance_unit=unit)

@@ -39,6 +39,12 @@ MEAN_FOREGROUND = "mean_foreground"
 #: Label value that is always allowed and never scored.
 BACKGROUND = 0
 
+# MONAI warns about empty masks (callers never pass any) and, internally, about its own deprecated
+# get_mask_edges argument; neither concerns the caller. Filters set once here, not per call: scoring runs
+# in threads, and ``warnings.catch_warnings`` is not thread-safe (another thread's exit restored them early).
+warnings.filterwarnings("ignore", message=".*is all 0.*", category=UserWarning)
+warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+
 
 def _check_spacing(spacing_zyx: Sequence[float] | None, ndim: int) -> list[float] | None:
     """Return ``spacing_zyx`` as a list of positive floats matching ``ndim``, or ``None``."""
@@ -62,17 +68,8 @@ def _surface_distances(
     pred_oh: torch.Tensor, ref_oh: torch.Tensor, spacing: list[float] | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """HD95 and symmetric ASD per channel via MONAI; every channel must be non-empty in both."""
-    with warnings.catch_warnings():
-        # MONAI warns about empty masks (callers never pass any) and, internally, about
-        # its own deprecated get_mask_edges argument; neither concerns the caller.
-        warnings.filterwarnings("ignore", message=".*is all 0.*", category=UserWarning)
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-        hd95 = compute_hausdorff_distance(
-            pred_oh, ref_oh, include_background=True, percentile=95, spacing=spacing
-        )
-        asd = compute_average_surface_distance(
-            pred_oh, ref_oh, include_background=True, symmetric=True, spacing=spacing
-        )
+    hd95 = compute_hausdorff_distance(pred_oh, ref_oh, include_background=True, percentile=95, spacing=spacing)
+    asd = compute_average_surface_distance(pred_oh, ref_oh, include_background=True, symmetric=True, spacing=spacing)
     return hd95[0].cpu().numpy().astype(float), asd[0].cpu().numpy().astype(float)
 
 

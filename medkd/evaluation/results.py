@@ -46,24 +46,31 @@ class EvaluationResult:
             Distances are NaN where exactly one of the masks is empty.
         class_names: names of the scored classes in report order (defaults to
             their order of appearance in ``per_case``).
+        distance_unit: ``"mm"`` where the images carry a physical spacing, ``"px"`` (pixels or
+            voxels) where they do not (PNG); stored in every row and summary entry, shown in the table.
     """
 
     per_case: list[dict]
     class_names: list[str] = field(default_factory=list)
+    distance_unit: str = "mm"
 
     def __post_init__(self) -> None:
         if not self.class_names:
             self.class_names = list(dict.fromkeys(row["class"] for row in self.per_case))
         if MEAN_FOREGROUND in self.class_names:
             raise ValueError(f"{MEAN_FOREGROUND!r} is reserved and cannot be a class name")
+        if self.distance_unit not in ("mm", "px"):
+            raise ValueError(f"distance_unit must be 'mm' or 'px', got {self.distance_unit!r}")
+        for row in self.per_case:
+            row.setdefault("distance_unit", self.distance_unit)
 
     def summary(self) -> dict[str, dict[str, float | int]]:
         """Mean and standard deviation of each metric per class, plus their mean over classes.
 
         Returns:
             ``{class_name: {"dice_mean", "dice_std", "hd95_mean", "hd95_std",
-            "asd_mean", "asd_std", "n_cases", "n_missing"}, ...,
-            "mean_foreground": {"dice_mean", "hd95_mean", "asd_mean", "n_missing"}}``.
+            "asd_mean", "asd_std", "n_cases", "n_missing", "distance_unit"}, ...,
+            "mean_foreground": {"dice_mean", "hd95_mean", "asd_mean", "n_missing", "distance_unit"}}``.
             Means and standard deviations (population, ``ddof=0``) skip NaN values;
             ``n_missing`` counts the cases whose distances are NaN (one mask empty).
             ``mean_foreground`` averages the per-class means (NaN means skipped).
@@ -76,12 +83,14 @@ class EvaluationResult:
                 entry[f"{metric}_mean"], entry[f"{metric}_std"] = _mean_std([float(r[metric]) for r in rows])
             entry["n_cases"] = len(rows)
             entry["n_missing"] = sum(1 for r in rows if math.isnan(float(r["hd95"])))
+            entry["distance_unit"] = self.distance_unit
             out[name] = entry
         overall: dict[str, float | int] = {
             f"{metric}_mean": _mean_std([float(out[name][f"{metric}_mean"]) for name in self.class_names])[0]
             for metric in METRIC_NAMES
         }
         overall["n_missing"] = sum(int(out[name]["n_missing"]) for name in self.class_names)
+        overall["distance_unit"] = self.distance_unit
         out[MEAN_FOREGROUND] = overall
         return out
 
@@ -100,9 +109,9 @@ class EvaluationResult:
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        per_case_fields = ["case", "class", "label", *METRIC_NAMES, "ref_voxels", "pred_voxels"]
+        per_case_fields = ["case", "class", "label", *METRIC_NAMES, "ref_voxels", "pred_voxels", "distance_unit"]
         summary_fields = ["class"] + [f"{m}_{s}" for m in METRIC_NAMES for s in ("mean", "std")]
-        summary_fields += ["n_cases", "n_missing"]
+        summary_fields += ["n_cases", "n_missing", "distance_unit"]
         return {
             "per_case_csv": write_csv(self.per_case, out / "per_case.csv", fieldnames=per_case_fields),
             "summary_csv": write_csv(self.summary_rows(), out / "summary.csv", fieldnames=summary_fields),
@@ -125,8 +134,8 @@ class EvaluationResult:
         columns = [
             ("class", "Class", ""),
             ("dice", "Dice", ""),
-            ("hd95", "HD95 (mm)", ""),
-            ("asd", "ASD (mm)", ""),
+            ("hd95", f"HD95 ({self.distance_unit})", ""),
+            ("asd", f"ASD ({self.distance_unit})", ""),
             ("n_missing", "Missing dist.", ",d"),
         ]
         return comparison_table(rows, columns, title or "Segmentation metrics")

@@ -218,8 +218,9 @@ class TeacherOutputCache:
         atomic_write_text(self._sidecar(case.case_id), json.dumps(sidecar))  # last: marks the entry complete
 
     def ensure(self, cases: Sequence[PreprocessedCase], networks: Sequence[nn.Module], *, mode: str,
-               in_channels: int, device: str | torch.device = "cpu") -> list[CachedTarget]:
-        """Compute the entries that are missing, partial, stale or corrupted; return all, in ``cases`` order."""
+               in_channels: int, device: str | torch.device = "cpu", progress: bool = True) -> list[CachedTarget]:
+        """Compute the entries that are missing, partial, stale or corrupted (a progress bar naming the work if
+        ``progress``); return all, in ``cases`` order."""
         todo = []
         for case in cases:
             why = self.problem(case)
@@ -233,6 +234,11 @@ class TeacherOutputCache:
             for network in networks:
                 network.to(device).eval()
             log.info("teacher cache: computing %d of %d cases with %d teacher(s)", len(todo), len(cases), len(networks))
+            if progress:
+                from tqdm.auto import tqdm
+
+                todo = tqdm(todo, desc=f"teacher-output cache: {len(networks)} teacher(s) predict {len(todo)} case(s)",
+                            unit="case", mininterval=1.0)
             for case in todo:
                 target = case_target(networks, case.load_image(), self.spec, mode=mode,
                                      patch_size=self.patch_size, device=device)

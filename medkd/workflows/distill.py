@@ -1,7 +1,8 @@
 """The config of a distillation run (``medkd distill``) from a teacher, a student and a recipe.
 
 Precedence, lowest first: the (first) teacher's data settings (only without a config file, which
-takes their place; never its ``data_fraction``), the student and the recipe (``model.name``,
+takes their place; never its ``data_fraction``; its plan, if it had one, gives the student's network), the
+student and the recipe (``model.name``,
 ``model.preset`` = ``student``, the ``distill`` section, the recipe's ``data.data_fraction``), then the
 caller's dotted-key overrides. :func:`medkd.workflows.train.train_run` runs the result.
 """
@@ -19,7 +20,7 @@ from medkd.teachers.manifest import open_teachers
 from medkd.workflows.train import resolve_config
 
 
-def distill_defaults(teacher: str | Path, student: str = "unet", recipe: str = "logit-kd", *,
+def distill_defaults(teacher: str | Path | None, student: str = "unet", recipe: str = "logit-kd", *,
                      teacher_data: bool = True) -> dict[str, Any]:
     """Dotted-key defaults of a distillation run (overridden by anything the caller gives).
 
@@ -27,6 +28,8 @@ def distill_defaults(teacher: str | Path, student: str = "unet", recipe: str = "
     recipe name or a YAML file. With ``teacher_data`` the data settings of the (first) teacher's run
     (dataset, mode, patch size, normalisation...) come first, except its ``data_fraction``.
     """
+    if teacher is None:
+        raise ValueError("medkd distill needs --teacher (a checkpoint or a teacher set), except with --resume")
     recipe_spec = load_recipe(recipe)
     teacher_cfg = load_checkpoint(open_teachers(teacher).members[0].checkpoint)["config"]
     data = {k: v for k, v in teacher_cfg["data"].items() if k != "data_fraction"} if teacher_data else {}
@@ -34,6 +37,8 @@ def distill_defaults(teacher: str | Path, student: str = "unet", recipe: str = "
                 "distill": {"teacher": str(teacher), "recipe": recipe_spec.model_dump(mode="json")}}
     if recipe_spec.data.data_fraction is not None:
         defaults["data.data_fraction"] = recipe_spec.data.data_fraction
+    if teacher_data and teacher_cfg.get("plan"):  # the student takes its network from the teacher's plan
+        defaults["plan"] = teacher_cfg["plan"]
     return defaults
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 import medkd.workflows.train_teachers as tt
 from medkd.config import build_config
@@ -191,6 +192,8 @@ def test_cli_trains_a_grouped_subset_set_and_resumes(phantoms_2d, tmp_path):
     assert teachers.kind == "subset" and [m.name for m in teachers.members] == ["subset0", "subset1"]
     assert not set(teachers.members[0].cases) & set(teachers.members[1].cases)
     assert "best val Dice" in first.output and "teachers.json" in first.output
+    member = yaml.safe_load((out / "members" / "subset0" / "config.yaml").read_text())
+    assert member["plan"]["configuration"] == "2d" and member["data"]["patch_size"] == [64, 64]  # planned; flag wins
     decision = json.loads((out / "postprocessing.json").read_text())  # the ensemble's own, on its predictions
     assert [m[0] for m in decision["members"]] == ["subset0", "subset1"] and decision["num_cases"] >= 1
     assert EnsemblePredictor(out).member_keys == decision["members"]
