@@ -34,6 +34,7 @@ from acdc_2d_supervised import DEFAULT_DATA, newest_input, run_config, test_scor
 VARIANTS: dict[str, tuple[str, dict]] = {
     "base": ("reference: batch 8, no aug, AdamW 3e-3", {}),
     "shrink1": ("half width (1.6M parameters)", {"model.shrink": 1}),
+    "shrink2": ("quarter width (407k parameters)", {"model.shrink": 2}),
     "batch4": ("batch 4", {"data.batch_size": 4}),
     "batch16": ("batch 16", {"data.batch_size": 16}),
     "lr1e-2": ("AdamW lr 1e-2", {"train.lr": 1e-2}),
