@@ -393,6 +393,8 @@ def report_cmd(study_dir: Annotated[Path, typer.Argument(help="folder of a finis
     console.print(f"written: {', '.join(str(p) for p in write_report(study_dir))}")
 
 
+from medkd.cli_nnunet import import_nnunet_command  # noqa: E402
+app.command("import-nnunet")(import_nnunet_command)
 guard_commands(app, err_console)  # every command: one line and an exit code on an expected error
 
 
