@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["NNUNET_NORMALIZATIONS", "NnunetConfiguration", "NnunetPlansError", "preprocessing_entry",
-           "read_json", "read_nnunet_configuration"]
+           "read_json", "read_nnunet_configuration", "resolve_configuration"]
 
 #: nnU-Net normalisation class names medkd re-implements (:mod:`medkd.data.nnunet_preprocess`)
 NNUNET_NORMALIZATIONS = ("ZScoreNormalization", "CTNormalization", "NoNormalization", "RescaleTo01Normalization",
@@ -73,7 +73,9 @@ def _need(mapping: dict[str, Any], key: str, kind: type | tuple[type, ...], wher
     return value
 
 
-def _resolve(plans: dict[str, Any], name: str, source: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def resolve_configuration(plans: dict[str, Any], name: str, source: Path | str = "plans.json",
+                          seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Configuration ``name`` of ``plans`` with its ``inherits_from`` parents' keys filled in."""
     configurations = _need(plans, "configurations", dict, str(source))
     if name not in configurations:
         raise NnunetPlansError(f"{source}: configurations.{name}: configuration {name!r} is not in the plans; "
@@ -84,7 +86,7 @@ def _resolve(plans: dict[str, Any], name: str, source: Path, seen: tuple[str, ..
         return config
     if parent in (*seen, name):
         raise NnunetPlansError(f"{source}: configurations.{name}.inherits_from: circular inheritance via {parent!r}")
-    return {**_resolve(plans, parent, source, (*seen, name)), **config}
+    return {**resolve_configuration(plans, parent, source, (*seen, name)), **config}
 
 
 def _labels(dataset: dict[str, Any], source: Path) -> dict[str, int]:
@@ -153,7 +155,7 @@ def read_nnunet_configuration(results_dir: str | Path, configuration: str) -> Nn
         raise NnunetPlansError(f"{root}: not a folder (expected an nnU-Net v2 results folder)")
     plans_path, dataset_path = root / "plans.json", root / "dataset.json"
     plans, dataset = read_json(plans_path), read_json(dataset_path)
-    config = _resolve(plans, configuration, plans_path)
+    config = resolve_configuration(plans, configuration, plans_path)
     where = f"{plans_path}: configurations.{configuration}"
     arch = _need(config, "architecture", dict, where)
     entry = {"network_class_name": _need(arch, "network_class_name", str, f"{where}.architecture"),

@@ -11,14 +11,16 @@ per case, in nnU-Net's order (``DefaultPreprocessor.run_case_npy``):
    then ``(x - mean) / max(std, 1e-8)`` with its foreground mean/std; ``RescaleTo01Normalization``
    ``(x - min) / max(max - min, 1e-8)``; ``RGBTo01Normalization`` ``x / 255``; ``NoNormalization``;
 4. resample to the configuration's spacing (2D: in-plane only), ``resample_data_or_seg_to_shape``:
-   spline order 3 for images, 1 for probabilities, per-label order 1 (threshold 0.5) for labels, and
+   spline order 3 for images, 1 for probabilities, per-label order 1 (argmax of the indicators) for labels, and
    for anisotropic spacing (max/min > 3) in-plane first, then order 0 (nearest) along the low-resolution axis.
 
 Resizing equals ``skimage.transform.resize(x, shape, order, mode="edge", anti_aliasing=False)``:
 ``scipy.ndimage.zoom(x, shape / x.shape, order, mode="nearest", grid_mode=True)`` clipped to the
-input's range. :func:`restore_nnunet_probabilities` maps probabilities back: resample to the cropped
-shape (probability kwargs), background 1 outside the crop, ``transpose_backward``. (nnU-Net resamples
-logits and applies the softmax afterwards; medkd resamples the softmax, as for its own models.)
+input's range. :func:`restore_nnunet_probabilities` maps probabilities back as nnU-Net maps logits:
+resample to the cropped shape (probability kwargs), softmax, background 1 outside the crop,
+``transpose_backward``. It resamples ``log p``, which equals resampling the logits ``z``: ``log p = z -
+logsumexp(z)`` differs from ``z`` by one value per voxel, which interpolation turns into one value per
+output voxel, and the softmax ignores it (exact for linear and nearest interpolation; order 1 is nnU-Net's).
 Native 2D images get a z spacing of 999, as nnU-Net's 2D image reader gives them.
 """
 
@@ -48,13 +50,18 @@ def _resize(image: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
 
 
 def _resize_labels(label: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
-    """batchgenerators' ``resize_segmentation``: each label's mask resized, kept where >= 0.5."""
+    """batchgenerators' ``resize_segmentation``: each label's indicator resized; per voxel the label with the
+    highest score wins, an exact tie going to the nearest-neighbour label when it is among the tied (else
+    the smallest tied label)."""
+    nearest = _resize(label.astype(np.float64), shape, 0).astype(label.dtype)
     if order == 0:
-        return _resize(label.astype(np.float64), shape, 0).astype(label.dtype)
-    out = np.zeros(shape, dtype=label.dtype)
-    for value in np.unique(label):
-        out[_resize((label == value).astype(np.float64), shape, order) >= 0.5] = value
-    return out
+        return nearest
+    values = np.unique(label)
+    scores = np.stack([_resize((label == value).astype(np.float64), shape, order) for value in values])
+    best = scores.max(0)
+    winner = values[scores.argmax(0)]
+    nearest_score = np.take_along_axis(scores, np.searchsorted(values, nearest)[None], 0)[0]
+    return np.where((nearest_score == best) & (best > 0), nearest, winner).astype(label.dtype)
 
 
 def separate_z(current: Sequence[float], new: Sequence[float], force: bool | None) -> int | None:
@@ -190,8 +197,11 @@ def preprocess_nnunet(image: np.ndarray, label: np.ndarray | None, geometry: Geo
 def restore_nnunet_probabilities(probabilities: np.ndarray, props: dict[str, Any],
                                  original_shape: Sequence[int]) -> np.ndarray:
     """(K, *preprocessed shape) -> (K, *original_shape): resample, un-crop (background 1), transpose back."""
-    restored = resample_data_or_seg(probabilities.astype(np.float32), props["cropped_shape"], props["target_spacing"],
+    log_p = np.log(np.maximum(probabilities.astype(np.float32), np.finfo(np.float32).tiny))
+    restored = resample_data_or_seg(log_p, props["cropped_shape"], props["target_spacing"],
                                     props["spacing_transposed"], **props["resampling"])
+    restored = np.exp(restored - restored.max(0, keepdims=True))
+    restored /= restored.sum(0, keepdims=True)
     full = [1, *original_shape] if props["native_2d"] else list(original_shape)
     full_t = [full[a] for a in props["transpose_forward"]]
     out = np.zeros((probabilities.shape[0], *full_t), dtype=np.float32)
