@@ -45,7 +45,7 @@ INSTALL_HINT = ("install the optional extra: pip install --no-deps dynamic-netwo
 
 
 class NnunetArchitectureError(ValueError):
-    """An nnU-Net architecture entry cannot be built; the message names the key."""
+    """An nnU-Net architecture entry cannot be built; the message starts with the key of the entry."""
 
 
 def _locate(dotted: str, key: str) -> type:
@@ -67,7 +67,7 @@ def network_class(network_class_name: str) -> type:
     """The dynamic-network-architectures class of a plans ``network_class_name`` (by its last part)."""
     short = str(network_class_name).rpartition(".")[2]
     if short not in NNUNET_CLASSES:
-        raise NnunetArchitectureError(f"architecture.network_class_name: unknown network class "
+        raise NnunetArchitectureError(f"network_class_name: unknown network class "
                                       f"{network_class_name!r}; supported: {', '.join(NNUNET_CLASSES)}")
     try:
         module = importlib.import_module(NNUNET_CLASSES[short])
@@ -86,18 +86,18 @@ def build_nnunet_network(network_class_name: str, arch_kwargs: dict[str, Any], k
     """
     cls = network_class(network_class_name)
     if not isinstance(arch_kwargs, dict):
-        raise NnunetArchitectureError(f"architecture.arch_kwargs must be an object, got {type(arch_kwargs).__name__}")
+        raise NnunetArchitectureError(f"arch_kwargs must be an object, got {type(arch_kwargs).__name__}")
     kwargs = dict(arch_kwargs)
     for key in kw_requires_import:
         if key not in kwargs:
-            raise NnunetArchitectureError(f"architecture._kw_requires_import names {key!r}, absent from arch_kwargs")
+            raise NnunetArchitectureError(f"_kw_requires_import names {key!r}, absent from arch_kwargs")
         if kwargs[key] is not None:
             kwargs[key] = _locate(kwargs[key], key)
     kwargs["deep_supervision"] = False
     try:
         return cls(input_channels=in_channels, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError, AssertionError, KeyError, IndexError) as err:
-        raise NnunetArchitectureError(f"architecture.arch_kwargs do not build {cls.__name__}: {err}") from None
+        raise NnunetArchitectureError(f"arch_kwargs do not build {cls.__name__}: {err}") from None
 
 
 def default_architecture(spatial_dims: int) -> dict[str, Any]:

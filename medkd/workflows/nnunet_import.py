@@ -32,7 +32,7 @@ from torch import nn
 
 from medkd.data.nnunet_plans import NnunetConfiguration, NnunetPlansError, read_nnunet_configuration
 from medkd.data.preprocess import PreprocessingPlan
-from medkd.models.nnunet import build_nnunet_network
+from medkd.models.nnunet import NnunetArchitectureError, build_nnunet_network
 from medkd.models.registry import ModelSpec
 from medkd.storage import load_weights_only, save_checkpoint
 from medkd.teachers.manifest import TeacherMember, TeacherSet, file_sha256
@@ -52,10 +52,13 @@ def _plan(config: NnunetConfiguration) -> PreprocessingPlan:
                              num_channels=config.num_channels, nnunet=pre)
 
 
-def _network(config: NnunetConfiguration) -> nn.Module:
+def _network(config: NnunetConfiguration, plans_path: Path) -> nn.Module:
     arch = config.architecture
-    return build_nnunet_network(arch["network_class_name"], arch["arch_kwargs"], arch["kw_requires_import"],
-                                config.num_channels, len(config.labels))
+    try:
+        return build_nnunet_network(arch["network_class_name"], arch["arch_kwargs"], arch["kw_requires_import"],
+                                    config.num_channels, len(config.labels))
+    except NnunetArchitectureError as err:
+        raise NnunetArchitectureError(f"{plans_path}: configurations.{config.name}.architecture.{err}") from None
 
 
 def _validation_dice(fold_dir: Path) -> float | None:
@@ -81,12 +84,13 @@ def read_fold(results_dir: Path, config: NnunetConfiguration, fold: int | str,
     trained = (checkpoint.get("init_args") or {}).get("configuration")
     if trained is not None and trained != config.name:
         raise NnunetPlansError(f"{path}: init_args.configuration is {trained!r}, not the requested {config.name!r}")
-    network = _network(config)
+    network = _network(config, results_dir / "plans.json")
     try:
         network.load_state_dict(checkpoint["network_weights"])
     except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[:2])
         raise NnunetPlansError(f"{path}: network_weights do not fit the network of plans.json configuration "
-                               f"{config.name!r}: {str(err).splitlines()[0]} {str(err).splitlines()[1:2]}") from None
+                               f"{config.name!r}: {detail}") from None
     spec = ModelSpec(name="nnunet", spatial_dims=len(config.patch_size), in_channels=config.num_channels,
                      out_channels=len(config.labels), kwargs=config.architecture)
     axes = checkpoint.get("inference_allowed_mirroring_axes")
