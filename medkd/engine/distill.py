@@ -29,6 +29,7 @@ from medkd.losses.supervised import full_resolution_head
 from medkd.losses.distill_registry import DISTILL_LOSSES
 from medkd.models import FeatureTaps, discover_stages, list_tappable
 from medkd.recipes import DistillTerm, Recipe
+from medkd.engine.teacher_grid import MappedTeacherOutputs, mapped_members
 from medkd.teachers.cache import TargetSpec, TeacherOutputCache
 from medkd.teachers.combine import dice_member_weights, normalised_member_weights, target_logits, voxel_uncertainty
 from medkd.teachers.manifest import load_frozen, open_teachers
@@ -43,15 +44,17 @@ def load_teacher(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return load_frozen(checkpoint)
 
 
-def check_teacher(teacher_state: dict[str, Any], labels: dict[str, int], in_channels: int, spatial_dims: int,
+def check_teacher(teacher_state: dict[str, Any], labels: dict[str, int], in_channels: int, spatial_dims: int | None,
                   source: str) -> None:
+    """Raise :class:`TeacherMismatchError` unless the teacher predicts ``labels`` from ``in_channels`` channels
+    in ``spatial_dims`` (``None``: any; a teacher whose outputs are mapped onto the student's grid)."""
     spec = teacher_state["model_spec"]
     problems = []
     if dict(teacher_state["labels"]) != dict(labels):
         problems.append(f"labels {teacher_state['labels']} != dataset labels {labels}")
     if spec["in_channels"] != in_channels:
         problems.append(f"{spec['in_channels']} input channel(s), dataset has {in_channels}")
-    if spec["spatial_dims"] != spatial_dims:
+    if spatial_dims is not None and spec["spatial_dims"] != spatial_dims:
         problems.append(f"a {spec['spatial_dims']}D network, the student is trained in {spatial_dims}D")
     if problems:
         raise TeacherMismatchError(f"teacher {source} does not fit: " + "; ".join(problems))
@@ -300,12 +303,16 @@ def distill_task_factory(config: RunConfig):
     def factory(student: nn.Module, data, cfg: RunConfig) -> Distiller:
         teacher_set = open_teachers(cfg.distill.teacher)
         recipe = recipe_from_dict(cfg.distill.recipe, source=f"{cfg.distill.teacher} recipe")
-        networks = []
-        for member in teacher_set.members:
-            network, state = load_frozen(member.checkpoint)
-            check_teacher(state, data.dataset.labels, data.dataset.num_channels, cfg.data.spatial_dims,
-                          str(member.checkpoint))
-            networks.append(network)
+        networks, states = zip(*(load_frozen(m.checkpoint) for m in teacher_set.members))
+        mapped = any(mapped_members(states, data.plan))
+        if mapped and not recipe.uses_cache:
+            raise TeacherMismatchError(
+                f"teacher {cfg.distill.teacher} preprocesses with its nnU-Net plan and the student with another; "
+                "a recipe that runs the teacher live (feature terms, or teachers.cache: false) needs one grid: set "
+                f"data.preprocessing_from: {cfg.distill.teacher} (what `medkd distill` does by default)")
+        for member, state in zip(teacher_set.members, states):
+            check_teacher(state, data.dataset.labels, data.dataset.num_channels,
+                          None if mapped else cfg.data.spatial_dims, str(member.checkpoint))
         weights = None
         if recipe.teachers.member_weights == "val_dice":
             weights = dice_member_weights(teacher_set.dice_weights(), power=recipe.teachers.dice_power).tolist()
@@ -320,8 +327,11 @@ def distill_task_factory(config: RunConfig):
                               temperature_w=recipe.teachers.temperature_w, top_k=recipe.teachers.top_k)
             cache = TeacherOutputCache.for_teachers(teacher_set, data.plan, spec, data.dataset.num_classes,
                                                     cfg.data.patch_size, cfg.data.cache_dir)
+            outputs = MappedTeacherOutputs([m.checkpoint for m in teacher_set.members], data.dataset.num_channels,
+                                           _cache_device(cfg)) if mapped else None
             distiller.attach_cache(cache.ensure([*data.train, *data.unlabeled], networks, mode=cfg.data.mode,
-                                                in_channels=data.dataset.num_channels, device=_cache_device(cfg)))
+                                                in_channels=data.dataset.num_channels, device=_cache_device(cfg),
+                                                member_outputs=outputs))
         return distiller
 
     return factory

@@ -136,3 +136,10 @@ def test_bad_input_is_named_and_nothing_is_written(kind, tmp_path, results_2d):
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp_")]
     print(message)
+
+
+def test_export_refuses_a_checkpoint_with_nnunet_preprocessing(results_2d, tmp_path):
+    teachers = import_nnunet(results_2d, "2d", [0], tmp_path / "set")
+    result = runner.invoke(app, ["export", str(teachers.members[0].checkpoint), "-o", str(tmp_path / "bundle")])
+    assert result.exit_code == 1 and "nnU-Net plan" in " ".join(result.output.split())
+    assert not (tmp_path / "bundle").exists()
