@@ -233,7 +233,7 @@ def recipes_cmd() -> None:
 
 @app.command("inspect-model")
 def inspect_model_cmd(
-    name: Annotated[str, typer.Argument(help="registry name")],
+    name: Annotated[str, typer.Argument(help="registry name, or a checkpoint (e.g. an imported nnU-Net fold)")],
     dims: Annotated[int, typer.Option(help="2 or 3")] = 2,
     preset: str = "teacher",
     in_channels: int = 1,

@@ -18,7 +18,7 @@ def architecture(dims: int, residual: bool = False, features=(4, 8, 16, 16)) -> 
     norm = f"torch.nn.modules.instancenorm.InstanceNorm{dims}d"
     kwargs = {"n_stages": n, "features_per_stage": list(features), "conv_op": conv,
               "kernel_sizes": [[3] * dims] * n, "strides": [[1] * dims] + [[2] * dims] * (n - 1),
-              ("n_blocks_per_stage" if residual else "n_conv_per_stage"): [1, 2, 2, 2][:n] if residual else [2] * n,
+              ("n_blocks_per_stage" if residual else "n_conv_per_stage"): ([1] + [2] * (n - 1)) if residual else [2] * n,
               "n_conv_per_stage_decoder": [1 if residual else 2] * (n - 1), "conv_bias": True, "norm_op": norm,
               "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
               "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
