@@ -66,22 +66,32 @@ def _mirrored_softmax(predictor: Callable[[torch.Tensor], torch.Tensor], batch: 
 def predict_probabilities(model: nn.Module, image: np.ndarray | torch.Tensor, *, mode: str, patch_size: Sequence[int],
                           tta: bool = False, device: torch.device | str = "cpu", batch_size: int = 8,
                           overlap: float = 0.5, amp: bool = False, whole_slice: bool = False,
-                          mirror_axes: Sequence[int] | None = None) -> torch.Tensor:
+                          mirror_axes: Sequence[int] | None = None, mean_logits: bool = False) -> torch.Tensor:
     """Softmax probabilities (K, z, y, x) on CPU for a preprocessed image (C, z, y, x).
 
     2D mode predicts batches of ``batch_size`` slices: whole (zero-padded to a multiple of the
     network's largest stride, cropped back) with ``whole_slice``, else with a 2D sliding window of
     ``patch_size``. 3D mode uses a 3D Gaussian-weighted sliding window (``whole_slice`` is ignored).
     ``tta`` averages over all mirrorings of the spatial axes (of ``mirror_axes`` only, when given:
-    spatial axes of the network's input, 0 = first). The model is put in eval mode.
+    spatial axes of the network's input, 0 = first): the mean of the mirrorings' probabilities, or with
+    ``mean_logits`` (imported nnU-Net models, as nnU-Net predicts) the softmax of their mean logits, each
+    window mirrored on its own as nnU-Net mirrors its tiles. Overlapping windows always average logits
+    (MONAI's Gaussian weights). The model is put in eval mode.
     """
     model.eval()
     device = torch.device(device)
     volume = torch.tensor(np.asarray(image), dtype=torch.float32)  # a copy: cached arrays are read-only memmaps
 
-    def predictor(x: torch.Tensor) -> torch.Tensor:
+    def network(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             return model(x)
+
+    def mirrored_network(x: torch.Tensor) -> torch.Tensor:  # nnU-Net: every tile mirrored, logits averaged
+        flips = _flip_sets(x.ndim - 2, True, mirror_axes)
+        return sum(torch.flip(network(torch.flip(x, f)), f) if f else network(x) for f in flips) / len(flips)
+
+    predictor = mirrored_network if mean_logits and tta else network
+    tta = tta and not mean_logits  # mirrored inside each window instead
 
     def window(x: torch.Tensor) -> torch.Tensor:
         return sliding_window_inference(x, list(patch_size), batch_size, predictor, overlap=overlap,
@@ -134,6 +144,7 @@ class Predictor(CaseSegmenter):
         self.device, self.tta, self.amp = device, tta, amp
         self.step: int | None = state.get("step")
         self.mirror_axes: list[int] | None = state.get("mirror_axes")  # TTA axes an imported nnU-Net model allows
+        self.mean_logits = "nnunet" in state  # an imported nnU-Net model averages TTA logits, as nnU-Net does
         self.whole_slice = checkpoint_whole_slice(state) if whole_slice is None else bool(whole_slice)
         self.postprocessing: Postprocessing | None = \
             postprocessing_beside(self.checkpoint, self.step, self.labels) if postprocess else None
@@ -161,7 +172,7 @@ class Predictor(CaseSegmenter):
         """Probabilities (K, *original_shape) from an image made by :meth:`prepare` (this model's plan)."""
         probs = predict_probabilities(self.model, prepared, mode=self.plan.mode, patch_size=self.patch_size,
                                       tta=self.tta, device=self.device, amp=self.amp, whole_slice=self.whole_slice,
-                                      mirror_axes=self.mirror_axes)
+                                      mirror_axes=self.mirror_axes, mean_logits=self.mean_logits)
         return restore_probabilities(probs.numpy(), props, original_shape)
 
     def predict_files(self, image_files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, Geometry]:

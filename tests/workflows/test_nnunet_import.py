@@ -55,13 +55,13 @@ def test_predict_runs_nnunet_preprocessing_and_allowed_mirroring(results_2d, pha
     member = Predictor(teachers.members[0].checkpoint, tta=True)
     probs = member.predict_arrays(image, geometry)
     assert probs.shape == (5, *image.shape[1:]) and np.allclose(probs.sum(0), 1, atol=1e-4)
-    # by hand: nnU-Net's z-score of the (uncropped: no zeros) image, the network, flips of axes 0 and 1 only
+    # by hand: nnU-Net's z-score of the (uncropped: no zeros) image, the network, the softmax of the logits
+    # averaged over the mirrorings of the axes the checkpoint allows (0 and 1), as nnU-Net predicts
     x = torch.from_numpy((image - image.mean()) / image.std()).float()[None]
     net, _ = load_frozen(teachers.members[0].checkpoint)
     with torch.no_grad():
         flips = [(), (2,), (3,), (2, 3)]
-        expected = sum(torch.softmax(net(torch.flip(x, f)), 1).flip(f) if f else torch.softmax(net(x), 1)
-                       for f in flips) / 4
+        expected = torch.softmax(sum(net(torch.flip(x, f)).flip(f) if f else net(x) for f in flips) / 4, 1)
     assert np.abs(probs - expected[0].numpy()).max() < 1e-4
     member.mirror_axes = [1]  # a checkpoint allowing only the last axis: 2 mirrorings instead of 4
     assert np.abs(member.predict_arrays(image, geometry) - probs).max() > 1e-6
