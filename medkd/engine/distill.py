@@ -13,6 +13,7 @@ the loss modules: optimised, checkpointed as ``extra_state``, never part of the 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,21 +84,39 @@ def pair_taps(term: DistillTerm, student: NetworkStages, teacher: NetworkStages)
     Explicit ``student_taps``/``teacher_taps`` are paired in order. A stage selector (``encoder``,
     ``decoder``, ``bottleneck``, joined with ``+``) is resolved on each network by automatic stage
     discovery and stages are paired by *resolution* (stride w.r.t. the input), so networks of
-    different depth pair where their feature grids coincide.
+    different depth pair where their feature grids coincide; ``bottleneck`` stages of different
+    resolution (an nnU-Net teacher one level deeper than the student) pair at the deepest resolution
+    both networks reach (:func:`_deepest_common_stage`).
     """
     if term.student_taps is not None:
         return list(term.student_taps), list(term.teacher_taps)
     s_names, t_names = [], []
     for part in term.taps.split("+"):
         teacher_at = {teacher.stride[name]: name for name in teacher.stages[part]}
-        for name in student.stages[part]:
-            if student.stride[name] in teacher_at:
-                s_names.append(name)
-                t_names.append(teacher_at[student.stride[name]])
+        pairs = [(name, teacher_at[student.stride[name]]) for name in student.stages[part]
+                 if student.stride[name] in teacher_at]
+        if part == "bottleneck" and not pairs:  # networks of different depth (e.g. an nnU-Net teacher)
+            pairs = _deepest_common_stage(student, teacher)
+        s_names += [s for s, _ in pairs]
+        t_names += [t for _, t in pairs]
     if not s_names:
         raise ValueError(f"no {term.taps} stage of the student has the resolution of a teacher stage; "
                          "give student_taps/teacher_taps explicitly (see `medkd inspect-model`)")
     return s_names, t_names
+
+
+def _deepest_common_stage(student: NetworkStages, teacher: NetworkStages) -> list[tuple[str, str]]:
+    """The student's and the teacher's encoder/bottleneck stage at the deepest resolution both reach, as one pair
+    (none when they share no resolution): what ``bottleneck`` pairs when the bottlenecks' resolutions differ."""
+    def by_stride(info: NetworkStages) -> dict[tuple, str]:
+        return {info.stride[n]: n for n in [*info.stages["encoder"], *info.stages["bottleneck"]]}
+
+    s_at, t_at = by_stride(student), by_stride(teacher)
+    common = [stride for stride in s_at if stride in t_at]
+    if not common:
+        return []
+    deepest = max(common, key=math.prod)
+    return [(s_at[deepest], t_at[deepest])]
 
 
 def _channels(info: NetworkStages, names: list[str], which: str) -> list[int]:
