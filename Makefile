@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and pinned: here it resolves to the CPU wheel on local disk, so no CUDA build is pulled
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# medkd[nnunet] (nnU-Net teachers) without its timm -> torchvision chain: torchvision from PyPI is broken beside
+	# the CPU torch wheel and breaks `import monai`; the U-Nets medkd builds need neither
+	$(PY) -m pip install --quiet --no-deps dynamic-network-architectures==0.4.4 einops
 	touch $@
 
 install: $(VENV)/.installed

@@ -235,7 +235,7 @@ def recipes_cmd() -> None:
 
 @app.command("inspect-model")
 def inspect_model_cmd(
-    name: Annotated[str, typer.Argument(help="registry name")],
+    name: Annotated[str, typer.Argument(help="registry name, or a checkpoint (e.g. an imported nnU-Net fold)")],
     dims: Annotated[int, typer.Option(help="2 or 3")] = 2,
     preset: str = "teacher",
     in_channels: int = 1,
@@ -395,8 +395,10 @@ def report_cmd(study_dir: Annotated[Path, typer.Argument(help="folder of a finis
     console.print(f"written: {', '.join(str(p) for p in write_report(study_dir))}")
 
 
-from medkd.cli_plan import plan_command  # noqa: E402  (commands of their own module)
+from medkd.cli_nnunet import import_nnunet_command  # noqa: E402  (commands of their own modules)
+from medkd.cli_plan import plan_command  # noqa: E402
 app.command("plan")(plan_command)
+app.command("import-nnunet")(import_nnunet_command)
 guard_commands(app, err_console)  # every command: one line and an exit code on an expected error
 
 

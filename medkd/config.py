@@ -74,6 +74,10 @@ class DataConfig(_Strict):
     normalization: Literal["auto", "zscore", "ct", "none"] = "auto"
     target_spacing: list[float] | None = Field(None, description="numpy order (z, y, x); 2D resamples in-plane only")
     crop_nonzero: bool = True
+    preprocessing_from: Path | None = Field(None, description="use the preprocessing plan of this checkpoint or "
+                                            "teacher set (its first member) instead of planning one: e.g. an "
+                                            "imported nnU-Net teacher's (`medkd distill` sets it for those); "
+                                            "normalization, target_spacing and crop_nonzero are then ignored")
     cache_dir: Path | None = Field(None, description="preprocessed-case cache (default: $MEDKD_CACHE or ./.cache/medkd)")
     num_workers: int = Field(2, ge=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

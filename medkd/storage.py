@@ -13,6 +13,10 @@ with ``torch.load(..., weights_only=True)``: no pickled code is ever executed. K
 ``labels``        {class name: value}
 ``config``        the fully resolved run config (``data.whole_slice_inference``: how 2D inference runs)
 ``torch_rng``     CPU RNG state, so a resumed run continues the same random stream
+``mirror_axes``   optional: the spatial axes mirroring TTA may flip (an imported nnU-Net model's
+                  ``inference_allowed_mirroring_axes``); absent: all
+``nnunet``        optional, imported nnU-Net models only: where the weights came from (results folder,
+                  configuration, fold, trainer, checkpoint SHA-256)
 
 ``postprocessing.json`` beside ``best.pt`` (:mod:`medkd.engine.postprocess`) records the
 post-processing decided for that checkpoint (its file name and ``step``).
@@ -208,3 +212,41 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a medkd checkpoint (missing format={CHECKPOINT_FORMAT!r})")
     return state
+
+
+def _numpy_data_globals() -> list[Any]:
+    """numpy's scalar and dtype constructors: they rebuild numbers from bytes and run no other code."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(code)) for code in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "?")]
+    return [core.multiarray.scalar, np.dtype, *dtypes]
+
+
+def load_weights_only(path: str | Path) -> Any:
+    """A foreign checkpoint (e.g. nnU-Net's ``checkpoint_final.pth``) loaded on the CPU with ``weights_only=True``.
+
+    Tensors, containers, numbers, strings, ``torch.device`` and numpy scalars (nnU-Net logs
+    ``np.float64`` values) are allowed; anything that needs other pickled code raises
+    :class:`CheckpointError` naming the file and the globals it asks for. No pickled code runs.
+    """
+    import torch  # lazily, as in save_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_numpy_data_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated zip, pickle with code, not a torch file...
+        try:
+            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                      if g not in {f"{t.__module__}.{t.__qualname__}" for t in _numpy_data_globals()}]
+        except Exception:  # noqa: BLE001 - not even a readable torch file
+            unsafe = []
+        if unsafe:
+            raise CheckpointError(f"{path}: refused to load with weights_only=True: it needs pickled code "
+                                  f"({', '.join(unsafe)}), which medkd never runs; re-save its weights as plain "
+                                  "tensors") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {str(err).splitlines()[0]}") from None
+

@@ -9,6 +9,10 @@ Per case, in this order (as nnU-Net does):
    dataset's 0.5/99.5 foreground percentiles, then z-score with the dataset's foreground mean/std;
    ``none`` leaves intensities as they are. ``auto`` picks ``ct`` for channels named CT, else z-score.
 
+A plan with an ``nnunet`` entry (an imported nnU-Net teacher's, :mod:`medkd.data.nnunet_plans`)
+runs nnU-Net's own preprocessing instead (:mod:`medkd.data.nnunet_preprocess`: axis transpose, crop
+to non-zero, normalisation per the plans' schemes, nnU-Net's resampling), and its inverse.
+
 Arrays always carry a leading channel axis and three spatial axes (z, y, x); a native 2D image is
 stored as one slice (z = 1). Preprocessed cases are written as ``.npy`` (read back memory-mapped)
 into a folder keyed by the plan's fingerprint, each with a JSON sidecar recording where it came
@@ -34,6 +38,7 @@ from monai.transforms import Resize
 from medkd.data.cache_integrity import file_problem_in_cache, image_problem, label_problem, write_recorded
 from medkd.data.dataset import Case, DatasetError, DatasetInfo, read_case
 from medkd.data.grid import nonzero_bbox, spacing_zyx
+from medkd.data.nnunet_preprocess import nnunet_to_preprocessed_grid, preprocess_nnunet, restore_nnunet_probabilities
 from medkd.data.io import Geometry
 from medkd.storage import atomic_write_text
 
@@ -55,9 +60,13 @@ class PreprocessingPlan:
     crop_nonzero: bool
     num_channels: int
     version: int = PLAN_VERSION
+    nnunet: dict[str, Any] | None = None  # nnU-Net's preprocessing (imported teachers); None: medkd's
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["nnunet"] is None:  # absent, so plans (and cache keys) made before the key existed are unchanged
+            del data["nnunet"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PreprocessingPlan":
@@ -179,6 +188,10 @@ def preprocess_arrays(image: np.ndarray, label: np.ndarray | None, geometry: Geo
         image (C, z, y, x) float32, label (1, z, y, x) int16 or None, and the properties needed to
         map a prediction back onto the original grid (:func:`restore_probabilities`).
     """
+    if plan.nnunet is not None:
+        if plan.mode == "3d" and image.ndim == 3:
+            raise ValueError("a 2D image cannot be used with a 3D nnU-Net configuration")
+        return preprocess_nnunet(image, label, geometry, plan.nnunet)
     original_shape = list(image.shape[1:])
     native_2d = image.ndim == 3
     if native_2d:
@@ -212,6 +225,8 @@ def restore_probabilities(probabilities: np.ndarray, props: dict[str, Any], orig
     Outside the crop the background class gets probability 1. ``original_shape`` is the image's
     spatial shape as read ((y, x) for native 2D images, whose result is returned 2D).
     """
+    if props.get("nnunet"):
+        return restore_nnunet_probabilities(probabilities, props, original_shape)
     restored = _resize(probabilities.astype(np.float32), props["cropped_shape"], "trilinear")
     full_shape = [1, *original_shape] if props["native_2d"] else list(original_shape)
     out = np.zeros((probabilities.shape[0], *full_shape), dtype=np.float32)
@@ -219,6 +234,17 @@ def restore_probabilities(probabilities: np.ndarray, props: dict[str, Any], orig
     crop = tuple(slice(lo, hi) for lo, hi in props["crop_bbox"])
     out[(slice(None), *crop)] = restored
     return out[:, 0] if props["native_2d"] else out
+
+
+def to_preprocessed_grid(probabilities: np.ndarray, props: dict[str, Any]) -> np.ndarray:
+    """The inverse of :func:`restore_probabilities`: (K, *original shape) -> (K, z, y, x) on the grid of the
+    case whose preprocessing gave ``props`` (crop, then linear resampling); how a teacher's output on the
+    original grid is put onto a student's preprocessed grid."""
+    if props.get("nnunet"):
+        return nnunet_to_preprocessed_grid(probabilities, props)
+    array = probabilities[:, None] if props["native_2d"] else probabilities
+    array = array[(slice(None), *(slice(lo, hi) for lo, hi in props["crop_bbox"]))]
+    return _resize(np.ascontiguousarray(array, dtype=np.float32), props["shape"], "trilinear")
 
 
 def class_locations(label: np.ndarray, seed: int) -> dict[int, np.ndarray]:

@@ -110,6 +110,23 @@ def _unlabeled_cases(cfg: DataConfig, dataset: DatasetInfo, hidden_ids: list[str
     return cases
 
 
+def plan_from(source: Path, cfg: DataConfig, dataset: DatasetInfo) -> PreprocessingPlan:
+    """The preprocessing plan of checkpoint or teacher set ``source`` (``data.preprocessing_from``), checked
+    against the run's mode and the dataset's channels."""
+    from medkd.storage import load_checkpoint
+    from medkd.teachers.manifest import open_teachers
+
+    checkpoint = open_teachers(source).members[0].checkpoint
+    plan = PreprocessingPlan.from_dict(load_checkpoint(checkpoint)["preprocessing"]["plan"])
+    if plan.mode != cfg.mode:
+        raise ConfigError(f"data.preprocessing_from: {checkpoint} preprocesses for data.mode={plan.mode}, "
+                          f"the run has data.mode={cfg.mode}")
+    if plan.num_channels != dataset.num_channels:
+        raise ConfigError(f"data.preprocessing_from: {checkpoint} takes {plan.num_channels} channel(s), "
+                          f"dataset {dataset.root} has {dataset.num_channels}")
+    return plan
+
+
 def prepare_training_data(cfg: DataConfig, seed: int = 0, check: bool | None = None,
                           with_unlabeled: bool = False, progress: bool = False) -> TrainingData:
     """Check the dataset, split it, plan preprocessing and fill the cache (reusing what is there).
@@ -127,8 +144,9 @@ def prepare_training_data(cfg: DataConfig, seed: int = 0, check: bool | None = N
     train_ids, val_ids = split_case_ids(cfg, dataset, seed=seed)
     train_ids, hidden_ids = split_labels(cfg, train_ids)
     train_cases = [dataset.case(i) for i in train_ids]
-    plan = make_plan(dataset, train_cases, mode=cfg.mode, normalization=cfg.normalization,
-                     target_spacing=cfg.target_spacing, crop_nonzero=cfg.crop_nonzero)
+    plan = plan_from(cfg.preprocessing_from, cfg, dataset) if cfg.preprocessing_from is not None else \
+        make_plan(dataset, train_cases, mode=cfg.mode, normalization=cfg.normalization,
+                  target_spacing=cfg.target_spacing, crop_nonzero=cfg.crop_nonzero)
     store = PreprocessedStore(dataset, plan, cfg.cache_dir)
     workers = max(1, cfg.num_workers)
     train = store.ensure(train_cases, num_workers=workers, progress=progress)

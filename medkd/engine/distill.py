@@ -13,6 +13,7 @@ the loss modules: optimised, checkpointed as ``extra_state``, never part of the 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from medkd.losses.supervised import full_resolution_head
 from medkd.losses.distill_registry import DISTILL_LOSSES
 from medkd.models import FeatureTaps, discover_stages, list_tappable
 from medkd.recipes import DistillTerm, Recipe
+from medkd.engine.teacher_grid import MappedTeacherOutputs, mapped_members
 from medkd.teachers.cache import TargetSpec, TeacherOutputCache
 from medkd.teachers.combine import dice_member_weights, normalised_member_weights, target_logits, voxel_uncertainty
 from medkd.teachers.manifest import load_frozen, open_teachers
@@ -43,15 +45,17 @@ def load_teacher(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return load_frozen(checkpoint)
 
 
-def check_teacher(teacher_state: dict[str, Any], labels: dict[str, int], in_channels: int, spatial_dims: int,
+def check_teacher(teacher_state: dict[str, Any], labels: dict[str, int], in_channels: int, spatial_dims: int | None,
                   source: str) -> None:
+    """Raise :class:`TeacherMismatchError` unless the teacher predicts ``labels`` from ``in_channels`` channels
+    in ``spatial_dims`` (``None``: any; a teacher whose outputs are mapped onto the student's grid)."""
     spec = teacher_state["model_spec"]
     problems = []
     if dict(teacher_state["labels"]) != dict(labels):
         problems.append(f"labels {teacher_state['labels']} != dataset labels {labels}")
     if spec["in_channels"] != in_channels:
         problems.append(f"{spec['in_channels']} input channel(s), dataset has {in_channels}")
-    if spec["spatial_dims"] != spatial_dims:
+    if spatial_dims is not None and spec["spatial_dims"] != spatial_dims:
         problems.append(f"a {spec['spatial_dims']}D network, the student is trained in {spatial_dims}D")
     if problems:
         raise TeacherMismatchError(f"teacher {source} does not fit: " + "; ".join(problems))
@@ -80,21 +84,39 @@ def pair_taps(term: DistillTerm, student: NetworkStages, teacher: NetworkStages)
     Explicit ``student_taps``/``teacher_taps`` are paired in order. A stage selector (``encoder``,
     ``decoder``, ``bottleneck``, joined with ``+``) is resolved on each network by automatic stage
     discovery and stages are paired by *resolution* (stride w.r.t. the input), so networks of
-    different depth pair where their feature grids coincide.
+    different depth pair where their feature grids coincide; ``bottleneck`` stages of different
+    resolution (an nnU-Net teacher one level deeper than the student) pair at the deepest resolution
+    both networks reach (:func:`_deepest_common_stage`).
     """
     if term.student_taps is not None:
         return list(term.student_taps), list(term.teacher_taps)
     s_names, t_names = [], []
     for part in term.taps.split("+"):
         teacher_at = {teacher.stride[name]: name for name in teacher.stages[part]}
-        for name in student.stages[part]:
-            if student.stride[name] in teacher_at:
-                s_names.append(name)
-                t_names.append(teacher_at[student.stride[name]])
+        pairs = [(name, teacher_at[student.stride[name]]) for name in student.stages[part]
+                 if student.stride[name] in teacher_at]
+        if part == "bottleneck" and not pairs:  # networks of different depth (e.g. an nnU-Net teacher)
+            pairs = _deepest_common_stage(student, teacher)
+        s_names += [s for s, _ in pairs]
+        t_names += [t for _, t in pairs]
     if not s_names:
         raise ValueError(f"no {term.taps} stage of the student has the resolution of a teacher stage; "
                          "give student_taps/teacher_taps explicitly (see `medkd inspect-model`)")
     return s_names, t_names
+
+
+def _deepest_common_stage(student: NetworkStages, teacher: NetworkStages) -> list[tuple[str, str]]:
+    """The student's and the teacher's encoder/bottleneck stage at the deepest resolution both reach, as one pair
+    (none when they share no resolution): what ``bottleneck`` pairs when the bottlenecks' resolutions differ."""
+    def by_stride(info: NetworkStages) -> dict[tuple, str]:
+        return {info.stride[n]: n for n in [*info.stages["encoder"], *info.stages["bottleneck"]]}
+
+    s_at, t_at = by_stride(student), by_stride(teacher)
+    common = [stride for stride in s_at if stride in t_at]
+    if not common:
+        return []
+    deepest = max(common, key=math.prod)
+    return [(s_at[deepest], t_at[deepest])]
 
 
 def _channels(info: NetworkStages, names: list[str], which: str) -> list[int]:
@@ -304,12 +326,16 @@ def distill_task_factory(config: RunConfig):
     def factory(student: nn.Module, data, cfg: RunConfig) -> Distiller:
         teacher_set = open_teachers(cfg.distill.teacher)
         recipe = recipe_from_dict(cfg.distill.recipe, source=f"{cfg.distill.teacher} recipe")
-        networks = []
-        for member in teacher_set.members:
-            network, state = load_frozen(member.checkpoint)
-            check_teacher(state, data.dataset.labels, data.dataset.num_channels, cfg.data.spatial_dims,
-                          str(member.checkpoint))
-            networks.append(network)
+        networks, states = zip(*(load_frozen(m.checkpoint) for m in teacher_set.members))
+        mapped = any(mapped_members(states, data.plan))
+        if mapped and not recipe.uses_cache:
+            raise TeacherMismatchError(
+                f"teacher {cfg.distill.teacher} preprocesses with its nnU-Net plan and the student with another; "
+                "a recipe that runs the teacher live (feature terms, or teachers.cache: false) needs one grid: set "
+                f"data.preprocessing_from: {cfg.distill.teacher} (what `medkd distill` does by default)")
+        for member, state in zip(teacher_set.members, states):
+            check_teacher(state, data.dataset.labels, data.dataset.num_channels,
+                          None if mapped else cfg.data.spatial_dims, str(member.checkpoint))
         weights = None
         if recipe.teachers.member_weights == "val_dice":
             weights = dice_member_weights(teacher_set.dice_weights(), power=recipe.teachers.dice_power).tolist()
@@ -324,9 +350,11 @@ def distill_task_factory(config: RunConfig):
                               temperature_w=recipe.teachers.temperature_w, top_k=recipe.teachers.top_k)
             cache = TeacherOutputCache.for_teachers(teacher_set, data.plan, spec, data.dataset.num_classes,
                                                     cfg.data.patch_size, cfg.data.cache_dir)
+            outputs = MappedTeacherOutputs([m.checkpoint for m in teacher_set.members], data.dataset.num_channels,
+                                           _cache_device(cfg)) if mapped else None
             distiller.attach_cache(cache.ensure([*data.train, *data.unlabeled], networks, mode=cfg.data.mode,
                                                 in_channels=data.dataset.num_channels, device=_cache_device(cfg),
-                                                progress=cfg.train.progress))
+                                                member_outputs=outputs, progress=cfg.train.progress))
         return distiller
 
     return factory

@@ -39,16 +39,20 @@ from medkd.models import create_from_spec, forward_padded, largest_stride
 from medkd.storage import load_checkpoint
 
 
-def _flip_sets(spatial_dims: int, tta: bool) -> list[tuple[int, ...]]:
-    """All subsets of spatial axes to mirror (nnU-Net's mirroring TTA); axes counted from dim 2."""
+def _flip_sets(spatial_dims: int, tta: bool, mirror_axes: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+    """All subsets of the spatial axes to mirror (nnU-Net's mirroring TTA), counted from dim 2 of the
+    batch; ``mirror_axes`` (spatial axes, 0 = first) limits them, as an nnU-Net checkpoint's
+    ``inference_allowed_mirroring_axes`` does."""
     if not tta:
         return [()]
-    axes = range(2, 2 + spatial_dims)
-    return [combo for r in range(spatial_dims + 1) for combo in itertools.combinations(axes, r)]
+    allowed = range(spatial_dims) if mirror_axes is None else [a for a in mirror_axes if a < spatial_dims]
+    axes = [2 + a for a in allowed]
+    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
-def _mirrored_softmax(predictor: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, tta: bool) -> torch.Tensor:
-    flips = _flip_sets(batch.ndim - 2, tta)
+def _mirrored_softmax(predictor: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, tta: bool,
+                      mirror_axes: Sequence[int] | None = None) -> torch.Tensor:
+    flips = _flip_sets(batch.ndim - 2, tta, mirror_axes)
     total = None
     for axes in flips:
         x = torch.flip(batch, axes) if axes else batch
@@ -61,21 +65,33 @@ def _mirrored_softmax(predictor: Callable[[torch.Tensor], torch.Tensor], batch: 
 @torch.inference_mode()
 def predict_probabilities(model: nn.Module, image: np.ndarray | torch.Tensor, *, mode: str, patch_size: Sequence[int],
                           tta: bool = False, device: torch.device | str = "cpu", batch_size: int = 8,
-                          overlap: float = 0.5, amp: bool = False, whole_slice: bool = False) -> torch.Tensor:
+                          overlap: float = 0.5, amp: bool = False, whole_slice: bool = False,
+                          mirror_axes: Sequence[int] | None = None, mean_logits: bool = False) -> torch.Tensor:
     """Softmax probabilities (K, z, y, x) on CPU for a preprocessed image (C, z, y, x).
 
     2D mode predicts batches of ``batch_size`` slices: whole (zero-padded to a multiple of the
     network's largest stride, cropped back) with ``whole_slice``, else with a 2D sliding window of
     ``patch_size``. 3D mode uses a 3D Gaussian-weighted sliding window (``whole_slice`` is ignored).
-    ``tta`` averages over all mirrorings of the spatial axes. The model is put in eval mode.
+    ``tta`` averages over all mirrorings of the spatial axes (of ``mirror_axes`` only, when given:
+    spatial axes of the network's input, 0 = first): the mean of the mirrorings' probabilities, or with
+    ``mean_logits`` (imported nnU-Net models, as nnU-Net predicts) the softmax of their mean logits, each
+    window mirrored on its own as nnU-Net mirrors its tiles. Overlapping windows always average logits
+    (MONAI's Gaussian weights). The model is put in eval mode.
     """
     model.eval()
     device = torch.device(device)
     volume = torch.tensor(np.asarray(image), dtype=torch.float32)  # a copy: cached arrays are read-only memmaps
 
-    def predictor(x: torch.Tensor) -> torch.Tensor:
+    def network(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             return model(x)
+
+    def mirrored_network(x: torch.Tensor) -> torch.Tensor:  # nnU-Net: every tile mirrored, logits averaged
+        flips = _flip_sets(x.ndim - 2, True, mirror_axes)
+        return sum(torch.flip(network(torch.flip(x, f)), f) if f else network(x) for f in flips) / len(flips)
+
+    predictor = mirrored_network if mean_logits and tta else network
+    tta = tta and not mean_logits  # mirrored inside each window instead
 
     def window(x: torch.Tensor) -> torch.Tensor:
         return sliding_window_inference(x, list(patch_size), batch_size, predictor, overlap=overlap,
@@ -85,11 +101,11 @@ def predict_probabilities(model: nn.Module, image: np.ndarray | torch.Tensor, *,
         run = partial(forward_padded, predictor, divisor=largest_stride(model, 2, volume.shape[0])) \
             if whole_slice else window
         slices = volume.permute(1, 0, 2, 3)  # (z, C, y, x): slices as a batch
-        chunks = [_mirrored_softmax(run, slices[i:i + batch_size].to(device), tta).cpu()
+        chunks = [_mirrored_softmax(run, slices[i:i + batch_size].to(device), tta, mirror_axes).cpu()
                   for i in range(0, slices.shape[0], batch_size)]
         return torch.cat(chunks).permute(1, 0, 2, 3).contiguous()
     if mode == "3d":
-        return _mirrored_softmax(window, volume[None].to(device), tta)[0].cpu()
+        return _mirrored_softmax(window, volume[None].to(device), tta, mirror_axes)[0].cpu()
     raise ValueError(f"mode must be '2d' or '3d', got {mode!r}")
 
 
@@ -127,6 +143,8 @@ class Predictor(CaseSegmenter):
         self.labels: dict[str, int] = state["labels"]
         self.device, self.tta, self.amp = device, tta, amp
         self.step: int | None = state.get("step")
+        self.mirror_axes: list[int] | None = state.get("mirror_axes")  # TTA axes an imported nnU-Net model allows
+        self.mean_logits = "nnunet" in state  # an imported nnU-Net model averages TTA logits, as nnU-Net does
         self.whole_slice = checkpoint_whole_slice(state) if whole_slice is None else bool(whole_slice)
         self.postprocessing: Postprocessing | None = \
             postprocessing_beside(self.checkpoint, self.step, self.labels) if postprocess else None
@@ -153,7 +171,8 @@ class Predictor(CaseSegmenter):
     def predict_prepared(self, prepared: np.ndarray, props: dict, original_shape: Sequence[int]) -> np.ndarray:
         """Probabilities (K, *original_shape) from an image made by :meth:`prepare` (this model's plan)."""
         probs = predict_probabilities(self.model, prepared, mode=self.plan.mode, patch_size=self.patch_size,
-                                      tta=self.tta, device=self.device, amp=self.amp, whole_slice=self.whole_slice)
+                                      tta=self.tta, device=self.device, amp=self.amp, whole_slice=self.whole_slice,
+                                      mirror_axes=self.mirror_axes, mean_logits=self.mean_logits)
         return restore_probabilities(probs.numpy(), props, original_shape)
 
     def predict_files(self, image_files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, Geometry]:

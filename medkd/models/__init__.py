@@ -45,3 +45,7 @@ __all__ += [
 from medkd.models.padding import forward_padded, largest_stride  # noqa: E402
 
 __all__ += ["forward_padded", "largest_stride"]
+
+# nnU-Net v2 networks as registry model "nnunet" (dynamic-network-architectures, imported when one is built)
+from medkd.models import nnunet as _nnunet  # noqa: E402,F401
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medkd.models.stages import dummy_shape, pick_stages
@@ -24,11 +25,21 @@ def inspect_model(
 ) -> tuple[list[dict], dict[str, list[str]]]:
     """Build registry model ``name`` and return ``(list_tappable rows, discover_stages result)``.
 
-    Backs the ``medkd inspect-model NAME`` command; render with ``format_tappable(rows, stages)``.
+    ``name`` may also be a medkd checkpoint file (``best.pt``, e.g. a fold of an imported nnU-Net
+    teacher): its network is inspected, with its own dimensions and channels (the other arguments but
+    ``input_size`` are ignored). Backs the ``medkd inspect-model NAME`` command; render with
+    ``format_tappable(rows, stages)``.
     """
-    from medkd.models.registry import create
+    from medkd.models.registry import create, create_from_spec
 
-    model = create(name, spatial_dims, in_channels, out_channels, preset=preset)
+    if Path(name).is_file():
+        from medkd.storage import load_checkpoint
+
+        spec = load_checkpoint(name)["model_spec"]
+        model = create_from_spec(spec)
+        spatial_dims, in_channels = int(spec["spatial_dims"]), int(spec["in_channels"])
+    else:
+        model = create(name, spatial_dims, in_channels, out_channels, preset=preset)
     shape = dummy_shape(spatial_dims, in_channels, input_size)
     calls, x, output = trace(model, shape)
     rows = call_rows(calls)

@@ -32,7 +32,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -218,9 +218,16 @@ class TeacherOutputCache:
         atomic_write_text(self._sidecar(case.case_id), json.dumps(sidecar))  # last: marks the entry complete
 
     def ensure(self, cases: Sequence[PreprocessedCase], networks: Sequence[nn.Module], *, mode: str,
-               in_channels: int, device: str | torch.device = "cpu", progress: bool = True) -> list[CachedTarget]:
+               in_channels: int, device: str | torch.device = "cpu",
+               member_outputs: Callable[[PreprocessedCase], torch.Tensor] | None = None,
+               progress: bool = True) -> list[CachedTarget]:
         """Compute the entries that are missing, partial, stale or corrupted (a progress bar naming the work if
-        ``progress``); return all, in ``cases`` order."""
+        ``progress``); return all, in ``cases`` order.
+
+        ``member_outputs(case)``, when given, replaces running ``networks`` on the preprocessed case: it
+        returns the members' logits ``(M, K, z, y, x)`` on the case's grid (teachers that preprocess
+        differently, :class:`medkd.engine.teacher_grid.MappedTeacherOutputs`), combined by the spec's rule.
+        """
         todo = []
         for case in cases:
             why = self.problem(case)
@@ -240,8 +247,12 @@ class TeacherOutputCache:
                 todo = tqdm(todo, desc=f"teacher-output cache: {len(networks)} teacher(s) predict {len(todo)} case(s)",
                             unit="case", mininterval=1.0)
             for case in todo:
-                target = case_target(networks, case.load_image(), self.spec, mode=mode,
-                                     patch_size=self.patch_size, device=device)
+                if member_outputs is not None:
+                    target = target_logits(self.spec.rule, member_outputs(case)[:, None], self.spec.temperature,
+                                           **self.spec.options())[0].contiguous()
+                else:
+                    target = case_target(networks, case.load_image(), self.spec, mode=mode,
+                                         patch_size=self.patch_size, device=device)
                 self._write(case, target)
         return [CachedTarget(self._files(case.case_id), self.num_classes) for case in cases]
 

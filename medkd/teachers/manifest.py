@@ -8,7 +8,7 @@ code downstream never distinguishes the cases.
 ``teachers.json`` (checkpoint paths relative to the manifest's folder)::
 
     {"format": "medkd-teacher-set-v1",
-     "kind": "uniform" | "diverse" | "subset" | "multitask" | "single",
+     "kind": "uniform" | "diverse" | "subset" | "multitask" | "nnunet" | "single",
      "labels": {"background": 0, ...},
      "members": [{"name": "unet_seed0", "checkpoint": "members/unet_seed0/best.pt",
                   "val_dice": 0.87, "model": "unet", "loss": "dice_ce", "seed": 0,
@@ -34,7 +34,7 @@ from medkd.storage import CheckpointError, atomic_write_text, load_checkpoint
 
 MANIFEST_NAME = "teachers.json"
 MANIFEST_FORMAT = "medkd-teacher-set-v1"
-SET_KINDS = ("single", "uniform", "diverse", "subset", "multitask")
+SET_KINDS = ("single", "uniform", "diverse", "subset", "multitask", "nnunet")  # nnunet: folds of an imported model
 
 
 class ManifestError(ValueError):

@@ -26,13 +26,18 @@ def distill_defaults(teacher: str | Path | None, student: str = "unet", recipe: 
 
     ``teacher`` is a checkpoint or a teacher set (``teachers.json`` or its folder); ``recipe`` a shipped
     recipe name or a YAML file. With ``teacher_data`` the data settings of the (first) teacher's run
-    (dataset, mode, patch size, normalisation...) come first, except its ``data_fraction``.
+    (dataset, mode, patch size, normalisation...) come first, except its ``data_fraction``; for an imported
+    nnU-Net teacher (mode and patch size only) ``data.preprocessing_from`` is the teacher, so the student is
+    trained on nnU-Net's preprocessing of the teacher (``--set data.preprocessing_from=null``: medkd's own;
+    the teacher-output cache then maps the teacher's outputs onto the student's grid).
     """
     if teacher is None:
         raise ValueError("medkd distill needs --teacher (a checkpoint or a teacher set), except with --resume")
     recipe_spec = load_recipe(recipe)
-    teacher_cfg = load_checkpoint(open_teachers(teacher).members[0].checkpoint)["config"]
-    data = {k: v for k, v in teacher_cfg["data"].items() if k != "data_fraction"} if teacher_data else {}
+    teacher_state = load_checkpoint(open_teachers(teacher).members[0].checkpoint)
+    data = {k: v for k, v in teacher_state["config"]["data"].items() if k != "data_fraction"} if teacher_data else {}
+    if teacher_data and "nnunet" in teacher_state:  # an imported nnU-Net teacher: the student sees its grid
+        data["preprocessing_from"] = str(teacher)
     defaults = {**{f"data.{k}": v for k, v in data.items()}, "model.name": student, "model.preset": "student",
                 "distill": {"teacher": str(teacher), "recipe": recipe_spec.model_dump(mode="json")}}
     if recipe_spec.data.data_fraction is not None:

@@ -255,6 +255,9 @@ def export_bundle(source: Path, output: Path, *, force: bool = False, latency_re
     checkpoint, output = resolve_checkpoint(source), Path(output)
     _check_output(output, force)
     state = load_checkpoint(checkpoint)
+    if state["preprocessing"]["plan"].get("nnunet"):
+        raise ValueError(f"{checkpoint}: preprocesses with an nnU-Net plan, which the torch-free bundle predictor "
+                         "does not implement; predict with `medkd predict --checkpoint`")
     output.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f".tmp_{output.name}.", dir=output.parent))
     try:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from medkd.models import ModelSpec, count_parameters, create, create_from_spec, list_models, scale_channels
 from medkd.models.registry import register_model
 
-EXPECTED = ["attentionunet", "basicunet", "dynunet", "segresnet", "unet"]
+EXPECTED = ["attentionunet", "basicunet", "dynunet", "nnunet", "segresnet", "unet"]
 
 
 def test_list_models_contains_all_entries():

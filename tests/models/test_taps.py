@@ -17,7 +17,7 @@ from medkd.models.stages import discover_stages, stage_channels
 from medkd.models.taps import FeatureTaps, TapNotFoundError
 from medkd.models.tracing import list_tappable
 
-MODELS = ["attentionunet", "basicunet", "dynunet", "segresnet", "unet"]
+MODELS = ["attentionunet", "basicunet", "dynunet", "nnunet", "segresnet", "unet"]
 SIZE = {2: 64, 3: 32}
 
 
