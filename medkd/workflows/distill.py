@@ -35,7 +35,8 @@ def distill_defaults(teacher: str | Path | None, student: str = "unet", recipe: 
         raise ValueError("medkd distill needs --teacher (a checkpoint or a teacher set), except with --resume")
     recipe_spec = load_recipe(recipe)
     teacher_state = load_checkpoint(open_teachers(teacher).members[0].checkpoint)
-    data = {k: v for k, v in teacher_state["config"]["data"].items() if k != "data_fraction"} if teacher_data else {}
+    teacher_cfg = teacher_state["config"]
+    data = {k: v for k, v in teacher_cfg["data"].items() if k != "data_fraction"} if teacher_data else {}
     if teacher_data and "nnunet" in teacher_state:  # an imported nnU-Net teacher: the student sees its grid
         data["preprocessing_from"] = str(teacher)
     defaults = {**{f"data.{k}": v for k, v in data.items()}, "model.name": student, "model.preset": "student",
