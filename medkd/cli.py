@@ -374,29 +374,11 @@ def demo_cmd(
     run_demo(out, teacher_steps=teacher_steps, student_steps=student_steps, console=console)
 
 
-@app.command("experiment")
-def experiment_cmd(
-    study: Annotated[Path, typer.Argument(help="study file (YAML), see medkd/workflows/study.py")],
-    out: Annotated[Optional[Path], typer.Option(help="study folder (default: beside STUDY, named after it)")] = None,
-    dry_run: Annotated[bool, typer.Option(help="list the runs, what is left and an estimate of the cost")] = False,
-) -> None:
-    """Every student x recipe (+ labels-only) x seed x budget of a study; results/runs/summary.csv. Restartable."""
-    from medkd.workflows.experiment import run_study
-
-    _setup_logging(False)
-    run_study(study, out, dry_run=dry_run, console=console)
-
-
-@app.command("report")
-def report_cmd(study_dir: Annotated[Path, typer.Argument(help="folder of a finished `medkd experiment`")]) -> None:
-    """report.html (self-contained) and report.md of a study: summary table, box plots, Dice vs latency, curves."""
-    from medkd.workflows.study_report import write_report
-
-    console.print(f"written: {', '.join(str(p) for p in write_report(study_dir))}")
-
-
 from medkd.cli_nnunet import import_nnunet_command  # noqa: E402  (commands of their own modules)
 from medkd.cli_plan import plan_command  # noqa: E402
+from medkd.cli_study import experiment_command, report_command  # noqa: E402
+app.command("experiment")(experiment_command)
+app.command("report")(report_command)
 app.command("plan")(plan_command)
 app.command("import-nnunet")(import_nnunet_command)
 guard_commands(app, err_console)  # every command: one line and an exit code on an expected error

@@ -1,0 +1,33 @@
+"""``medkd experiment`` and ``medkd report``: compare methods over seeds (registered in :mod:`medkd.cli`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+if not console.is_terminal:  # logs and pipes: do not squeeze tables into 80 columns
+    console.width = 160
+
+
+def experiment_command(
+    study: Annotated[Path, typer.Argument(help="study file (YAML), see medkd/workflows/study.py")],
+    out: Annotated[Optional[Path], typer.Option(help="study folder (default: beside STUDY, named after it)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="list the runs, what is left and an estimate of the cost")] = False,
+) -> None:
+    """Every student x recipe (+ labels-only) x seed x budget of a study; results/runs/summary.csv. Restartable."""
+    from medkd.workflows.experiment import run_study
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run_study(study, out, dry_run=dry_run, console=console)
+
+
+def report_command(study_dir: Annotated[Path, typer.Argument(help="folder of a finished `medkd experiment`")]) -> None:
+    """report.html (self-contained) and report.md of a study: summary table, box plots, Dice vs latency, curves."""
+    from medkd.workflows.study_report import write_report
+
+    console.print(f"written: {', '.join(str(p) for p in write_report(study_dir))}")
