@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from medkd.data.io import Geometry
@@ -24,3 +26,10 @@ def nonzero_bbox(image: np.ndarray) -> list[list[int]]:
         nonzero = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         bbox.append([int(nonzero[0]), int(nonzero[-1]) + 1])
     return bbox
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Window starts along one axis of ``size`` (>= ``patch``), as MONAI's ``dense_patch_slices``."""
+    interval = patch if patch == size else max(int(patch * (1 - overlap)), 1)
+    count = next((d + 1 for d in range(math.ceil(size / interval)) if d * interval + patch >= size), 1)
+    return [i * interval - max(i * interval + patch - size, 0) for i in range(count)]

@@ -20,12 +20,11 @@ against the PyTorch original.
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from medkd.data.grid import nonzero_bbox, spacing_zyx
+from medkd.data.grid import nonzero_bbox, spacing_zyx, window_starts
 from medkd.data.io import Geometry
 
 __all__ = ["gaussian_importance", "nonzero_bbox", "predict_probabilities", "preprocess", "resize_linear",
@@ -125,13 +124,6 @@ def gaussian_importance(patch: Sequence[int], sigma_scale: float = 0.125) -> np.
         g = np.exp(x ** 2 / np.float32(-2 * (size * sigma_scale) ** 2)).astype(np.float32)
         weights = weights[..., None] * g
     return np.maximum(weights, max(float(weights.min()), 1e-3)).astype(np.float32)
-
-
-def window_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Window starts along one axis of ``size`` (>= ``patch``), as MONAI's ``dense_patch_slices``."""
-    interval = patch if patch == size else max(int(patch * (1 - overlap)), 1)
-    count = next((d + 1 for d in range(math.ceil(size / interval)) if d * interval + patch >= size), 1)
-    return [i * interval - max(i * interval + patch - size, 0) for i in range(count)]
 
 
 def sliding_window(network: Network, image: np.ndarray, patch: Sequence[int], *, overlap: float = 0.5,

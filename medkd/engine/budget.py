@@ -25,6 +25,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from medkd.data.grid import window_starts
+
 SAFETY = 1.25  # the reserve covers 25% more than estimated before a validation has calibrated it
 EXIT_S = 5.0  # after result.json: loader workers, TensorBoard and the interpreter shut down
 CHECKPOINT_BYTES_PER_S = 100e6  # before a checkpoint was timed: weights + AdamW moments written at 100 MB/s
@@ -95,11 +97,7 @@ class PhaseClock:
 
 def sliding_windows(shape: Sequence[int], patch: Sequence[int], overlap: float = 0.5) -> int:
     """Windows MONAI's ``sliding_window_inference`` runs over ``shape`` (padded to at least ``patch``)."""
-    count = 1
-    for size, roi in zip(shape, patch):
-        step = max(1, int(roi * (1 - overlap)))
-        count *= 1 if size <= roi else math.ceil((size - roi) / step) + 1
-    return count
+    return math.prod(len(window_starts(max(size, roi), roi, overlap)) for size, roi in zip(shape, patch))
 
 
 def inference_windows(shapes: Sequence[Sequence[int]], mode: str, patch: Sequence[int],
