@@ -48,15 +48,16 @@ CONNECTIVITY = "full (8-neighbourhood in 2D, 26 in 3D), over the whole label map
 
 def keep_largest_component(segmentation: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     """A copy of ``segmentation`` (*spatial, integer labels) where the voxels of ``labels`` outside
-    the largest connected component of their union are set to 0. Of equal-sized components, the
-    first in C order is kept."""
+    the largest connected component of their union are set to 0. Components tied for the largest
+    size are all kept, as nnU-Net v2 keeps them (``acvl_utils``' ``remove_all_but_largest_component``)."""
     mask = np.isin(segmentation, list(labels))
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
     components, count = ndimage.label(mask, structure=structure)
     out = segmentation.copy()
     if count > 1:
-        largest = int(np.argmax(np.bincount(components.ravel())[1:])) + 1
-        out[mask & (components != largest)] = 0
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        out[mask & (sizes[components] != sizes.max())] = 0
     return out
 
 

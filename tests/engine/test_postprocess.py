@@ -53,12 +53,21 @@ def test_keeps_exactly_the_largest_blob_per_class_3d():
     assert (both == 2).sum() == 9 and (both[0, 6:8, 6:8] == 0).all()
 
 
+def test_components_tied_for_largest_are_all_kept_as_nnunet_keeps_them():
+    seg = np.zeros((10, 10), np.uint8)
+    seg[0:2, 0:2] = 1
+    seg[6:8, 6:8] = 1  # the same size: kept too
+    seg[0, 9] = 1  # smaller: removed
+    out = keep_largest_component(seg, [1])
+    assert (out == 1).sum() == 8 and out[0, 9] == 0
+
+
 def _blob_cases():
     """Reference: one A blob, two separate B blobs. Prediction: A plus a spurious A blob, B exact."""
     ref = np.zeros((20, 20), np.uint8)
     ref[2:6, 2:6] = 1
     ref[14:18, 2:6] = 2
-    ref[14:18, 14:18] = 2
+    ref[14:18, 14:17] = 2  # smaller than the other B blob: keeping the largest would delete it
     pred = ref.copy()
     pred[9:11, 9:11] = 1
     return [pred, pred.copy()], [ref, ref.copy()]
@@ -71,7 +80,7 @@ def test_decision_applies_where_it_helps_and_not_where_it_hurts():
     assert not record["foreground_as_one"]["applied"]  # would delete the B blobs
     a, b = record["classes"]["A"], record["classes"]["B"]
     assert a["applied"] and a["dice_with"] == 1.0 and a["dice_without"] == pytest.approx(32 / 36, abs=1e-6)
-    assert not b["applied"] and b["dice_without"] == 1.0 and b["dice_with"] == pytest.approx(2 / 3, abs=1e-6)
+    assert not b["applied"] and b["dice_without"] == 1.0 and b["dice_with"] == pytest.approx(32 / 44, abs=1e-6)
     post = Postprocessing.from_record(record)
     assert post == Postprocessing(foreground=(), classes=(1,))
     assert np.array_equal(post.apply(preds[0]), refs[0])
