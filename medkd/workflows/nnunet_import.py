@@ -10,6 +10,10 @@ rebuilds the fold's network from the plans' architecture entry (:mod:`medkd.mode
                                        weights, nnU-Net's preprocessing plan and patch size, the labels,
                                        the TTA axes the checkpoint allows, and where it came from
     OUT/nnunet/plans.json, dataset.json  copies, for the record
+    OUT/postprocessing.json            nnU-Net's post-processing decision, when the results folder has one
+                                       (``crossval_results_folds_<folds>/postprocessing.pkl``, or ``postprocessing``
+                                       given): the set's own decision, applied by ``predict`` and the cache
+                                       (:mod:`medkd.workflows.nnunet_postprocessing`)
 
 ``distill``, ``predict``, ``evaluate`` and the teacher-output cache take ``OUT`` like any teacher set;
 each member preprocesses with nnU-Net's plan (:mod:`medkd.data.nnunet_preprocess`). A member's
@@ -34,8 +38,11 @@ from medkd.data.nnunet_plans import NnunetConfiguration, NnunetPlansError, read_
 from medkd.data.preprocess import PreprocessingPlan
 from medkd.models.nnunet import NnunetArchitectureError, build_nnunet_network
 from medkd.models.registry import ModelSpec
+from medkd.engine.postprocess import POSTPROCESSING_FILE, write_postprocessing
 from medkd.storage import load_weights_only, save_checkpoint
 from medkd.teachers.manifest import TeacherMember, TeacherSet, file_sha256
+from medkd.workflows.nnunet_postprocessing import find_nnunet_postprocessing, nnunet_postprocessing_record, \
+    read_nnunet_steps
 
 __all__ = ["import_nnunet", "read_fold"]
 
@@ -114,7 +121,7 @@ def _check_output(out_dir: Path, force: bool) -> None:
 
 
 def _write_set(states: dict[str, dict[str, Any]], config: NnunetConfiguration, results_dir: Path,
-               folder: Path) -> None:
+               folder: Path, postprocessing: tuple[Path, list] | None) -> None:
     members = []
     for name, state in states.items():
         checkpoint = folder / "members" / name / "best.pt"
@@ -125,13 +132,30 @@ def _write_set(states: dict[str, dict[str, Any]], config: NnunetConfiguration, r
     (folder / "nnunet").mkdir(parents=True, exist_ok=True)
     for name in ("plans.json", "dataset.json"):
         shutil.copyfile(results_dir / name, folder / "nnunet" / name)
-    TeacherSet(kind="nnunet", members=members, labels=dict(config.labels), source=folder).save(folder)
+    manifest = TeacherSet(kind="nnunet", members=members, labels=dict(config.labels), source=folder).save(folder)
+    if postprocessing is not None:
+        source, steps = postprocessing
+        keys = [[name, "best.pt", state["step"]] for name, state in states.items()]
+        write_postprocessing(manifest.parent / POSTPROCESSING_FILE,
+                             nnunet_postprocessing_record(steps, config.labels, keys, source))
+
+
+def _postprocessing(results_dir: Path, folds: Sequence[int | str], given: Path | None,
+                    find: bool) -> tuple[Path, list] | None:
+    """nnU-Net's post-processing file (given, or found for ``folds``) and its steps, read before anything is written."""
+    path = given if given is not None else find_nnunet_postprocessing(results_dir, folds) if find else None
+    return None if path is None else (path, read_nnunet_steps(path))
 
 
 def import_nnunet(results_dir: str | Path, configuration: str, folds: Sequence[int | str], out_dir: str | Path, *,
-                  force: bool = False, checkpoint_name: str = CHECKPOINT_NAME) -> TeacherSet:
+                  force: bool = False, checkpoint_name: str = CHECKPOINT_NAME, postprocessing: str | Path | None = None,
+                  find_postprocessing: bool = True) -> TeacherSet:
     """Import folds ``folds`` of configuration ``configuration`` of an nnU-Net v2 results folder as a
-    teacher set in ``out_dir`` (module docstring); returns the set as read back from ``out_dir``."""
+    teacher set in ``out_dir`` (module docstring); returns the set as read back from ``out_dir``.
+
+    ``postprocessing``: nnU-Net's ``postprocessing.pkl`` / ``.json`` to import as the set's decision; by
+    default the one of ``crossval_results_folds_<folds>`` is used when present (``find_postprocessing=False``:
+    none)."""
     from medkd.teachers.manifest import load_manifest
 
     results_dir, out_dir = Path(results_dir), Path(out_dir)
@@ -142,10 +166,14 @@ def import_nnunet(results_dir: str | Path, configuration: str, folds: Sequence[i
     _check_output(out_dir, force)
     config = read_nnunet_configuration(results_dir, configuration)
     states = {f"fold_{fold}": read_fold(results_dir, config, fold, checkpoint_name) for fold in folds}
+    pp = _postprocessing(results_dir, folds, None if postprocessing is None else Path(postprocessing),
+                         find_postprocessing)
+    if pp is not None:  # checked against the labels before anything is written
+        nnunet_postprocessing_record(pp[1], config.labels, [], pp[0])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp_{out_dir.name}.", dir=out_dir.parent))
     try:
-        _write_set(states, config, results_dir, staging)
+        _write_set(states, config, results_dir, staging, pp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
