@@ -110,20 +110,28 @@ def run_validation_cases(config: RunConfig, checkpoint: str | Path,
     return store.ensure([dataset.case(i) for i in val_ids], num_workers=max(1, config.data.num_workers))
 
 
-def decide_set_postprocessing(teachers: TeacherSet | str | Path, *, device: str = "cpu") -> dict[str, Any]:
+def decide_set_postprocessing(teachers: TeacherSet | str | Path, *, device: str = "cpu",
+                              progress: bool | None = None) -> dict[str, Any]:
     """Decide a teacher set's own post-processing on its combined predictions and write it beside the manifest.
 
     The validation cases are those of the first member's run (``config.yaml`` beside its checkpoint),
     predicted from the raw files as ``medkd predict`` does (original grid, no TTA). The record names
     the members (``[name, checkpoint file, step]``) it was decided for; an :class:`EnsemblePredictor`
-    applies it only to those.
+    applies it only to those. ``progress`` (default: the member run's ``train.progress``) shows a bar of the cases.
     """
     predictor = EnsemblePredictor(teachers, device=device, postprocess=False)
-    config = load_config(predictor.teachers.members[0].checkpoint.parent / "config.yaml")
+    run_config = predictor.teachers.members[0].checkpoint.parent / "config.yaml"
+    if not run_config.is_file():
+        raise ValueError(f"{run_config} is missing: the set's post-processing is decided on the validation cases "
+                         "of its first member's run (an imported nnU-Net set carries nnU-Net's own decision: "
+                         "medkd import-nnunet --postprocessing FILE)")
+    config = load_config(run_config)
     dataset = load_dataset(config.data.dataset)
     _, val_ids = split_case_ids(config.data, dataset, seed=config.train.seed)
     predictions, references = [], []
-    for case in (dataset.case(i) for i in val_ids):
+    bar = f"post-processing of the set: predict {len(val_ids)} validation case(s)"
+    for case in case_bar([dataset.case(i) for i in val_ids], bar, config.train.progress if progress is None
+                         else progress):
         predictions.append(predictor.predict_files(case.image_files)[0])
         references.append(read_image(case.label_file)[0])
     record = {"members": predictor.member_keys, "cases": val_ids,
@@ -132,14 +140,15 @@ def decide_set_postprocessing(teachers: TeacherSet | str | Path, *, device: str 
     return record
 
 
-def postprocess_run(run_dir: str | Path, *, device: str = "cpu", output: str | Path | None = None) -> dict[str, Any]:
+def postprocess_run(run_dir: str | Path, *, device: str = "cpu", output: str | Path | None = None,
+                    progress: bool = False) -> dict[str, Any]:
     """(Re)decide the post-processing of the run in ``run_dir`` for its ``best.pt`` on its validation
     cases (``run_dir/config.yaml``); writes ``run_dir/postprocessing.json`` unless ``output`` is given.
     A teacher-set folder (holding ``teachers.json``) gets the set's decision
     (:func:`decide_set_postprocessing`; ``output`` does not apply)."""
     run_dir = Path(run_dir)
     if is_manifest(run_dir) and run_dir.is_dir():
-        return decide_set_postprocessing(run_dir, device=device)
+        return decide_set_postprocessing(run_dir, device=device, progress=progress)
     checkpoint = run_dir / "best.pt"
     cases = run_validation_cases(load_config(run_dir / "config.yaml"), checkpoint)
-    return decide_run_postprocessing(checkpoint, cases, device=device, output=output)
+    return decide_run_postprocessing(checkpoint, cases, device=device, output=output, progress=progress)

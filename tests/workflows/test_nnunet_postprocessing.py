@@ -127,3 +127,10 @@ def test_medkd_applies_it_as_nnunetv2_does(tmp_path, shape):
     for seed in range(5):
         seg = _blobs(shape, seed)
         assert np.array_equal(ours.apply(seg), nnunet.apply_postprocessing(seg, fns, loaded))
+
+
+def test_medkd_postprocess_on_an_imported_set_points_to_the_import(tmp_path):
+    results = make_results(tmp_path / "results", "2d", folds=(0,))
+    import_nnunet(results, "2d", [0], tmp_path / "set")
+    result = runner.invoke(app, ["postprocess", "--run-dir", str(tmp_path / "set")])
+    assert result.exit_code == 1 and "import-nnunet --postprocessing" in " ".join(result.output.split())

@@ -11,6 +11,7 @@ import medkd.workflows.train_teachers as tt
 from medkd.config import build_config
 from medkd.engine.ensemble import EnsemblePredictor
 from medkd.engine.trainer import RunDirError
+from medkd.engine.validation import decide_set_postprocessing
 from medkd.teachers.manifest import load_manifest, open_teachers
 from medkd.workflows.teacher_plan import (
     TeacherPlan,
@@ -180,7 +181,7 @@ def _cli(phantoms, tmp_path, *args):
     return CliRunner().invoke(app, ["train-teachers", *common, *args])
 
 
-def test_cli_trains_a_grouped_subset_set_and_resumes(phantoms_2d, tmp_path):
+def test_cli_trains_a_grouped_subset_set_and_resumes(phantoms_2d, tmp_path, capsys):
     from typer.testing import CliRunner
 
     from medkd.cli import app
@@ -197,6 +198,9 @@ def test_cli_trains_a_grouped_subset_set_and_resumes(phantoms_2d, tmp_path):
     decision = json.loads((out / "postprocessing.json").read_text())  # the ensemble's own, on its predictions
     assert [m[0] for m in decision["members"]] == ["subset0", "subset1"] and decision["num_cases"] >= 1
     assert EnsemblePredictor(out).member_keys == decision["members"]
+    capsys.readouterr()
+    assert decide_set_postprocessing(out, progress=True)["members"] == decision["members"]
+    assert "post-processing of the set: predict" in capsys.readouterr().err  # a bar names the long step
     again = _cli(phantoms_2d, tmp_path, "--kind", "subset", "--subsets", "2", "--group-by", "site", "--out", str(out))
     assert again.exit_code == 1 and "already exists" in again.output and str(out) in again.output
     resumed = CliRunner().invoke(app, ["train-teachers", "--resume", "--out", str(out)])
