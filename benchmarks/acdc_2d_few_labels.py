@@ -11,7 +11,11 @@ Rows (each student row: ``--seeds`` seeds, the same number of optimiser steps):
   labelled samples, the distillation terms every sample; ``data.unlabeled_ratio`` of each batch comes
   from the unlabelled cases; teacher outputs are cached for all training cases;
 * with ``--full-teacher BEST_PT``: the same recipes from a teacher trained on *all* labels (as when a user
-  distils another site's model), reported as separate rows (their gap closed is to that teacher).
+  distils another site's model), reported as separate rows (their gap closed is to that teacher);
+* with ``--ensemble N``: a uniform ensemble of ``N`` teachers (UNet at width ``--member-shrink``, seeds
+  0..N-1, ``--member-steps`` each) trained on the same labelled cases, scored as one model (mean of the
+  members' probabilities), and ``--ensemble-recipes`` distilled from it (cached ensemble outputs; gap
+  closed is to the ensemble).
 
 With ``--minutes M`` the labels-only student and each recipe (own teacher) are also trained for ``M``
 minutes of wall-clock each (equal-time rows, compared with the equal-time labels-only rows); run them on a
@@ -33,11 +37,15 @@ from pathlib import Path
 
 from rich.console import Console
 
+from medkd.config import build_config
+from medkd.engine.ensemble import load_predictor
 from medkd.evaluation.report import comparison_table, write_csv, write_json
 from medkd.recipes import load_recipe
+from medkd.workflows.teacher_plan import make_plan
+from medkd.workflows.train_teachers import train_teacher_set
 
 from acdc_2d_distill import COLUMNS, scored, summary_row, teacher_row
-from acdc_2d_supervised import DEFAULT_DATA, run_config
+from acdc_2d_supervised import DEFAULT_DATA, newest_input, run_config, test_scores
 
 PATIENT = r"^(patient\d+)"
 
@@ -53,6 +61,25 @@ def teacher_tree(args) -> dict:
     tree = run_config(args.data, "teacher", args.teacher_minutes, args.out / "cache", seed=0, batch_size=8)
     tree["train"].update(num_threads=args.threads, val_max_cases=None, max_steps=args.teacher_steps)
     return few_label_data(tree, args)
+
+
+def ensemble_teacher(args) -> Path:
+    """Train (or finish) the uniform ensemble of ``--ensemble`` members on the labelled cases; its folder."""
+    tree = teacher_tree(args)
+    tree["model"]["shrink"] = args.member_shrink
+    tree["train"].update(max_time_min=None, max_steps=args.member_steps, val_every=args.member_steps // 4,
+                         checkpoint_every=args.member_steps // 4)
+    folder = args.out / "ensemble"
+    plan = make_plan("uniform", build_config(tree), members=args.ensemble)
+    train_teacher_set(folder, plan, resume=(folder / "plan.json").is_file())
+    return folder
+
+
+def ensemble_score(args, folder: Path) -> dict:
+    """The ensemble on the test cases, with the keys of :func:`scored` that the teacher row reads."""
+    row = test_scores("ensemble", load_predictor(folder), args.data, args.out,
+                      reuse_after=newest_input(folder / "teachers.json"))
+    return {**row, "steps": args.member_steps, "val_dice": float("nan")}
 
 
 def student_tree(args, seed: int, teacher: Path | None, recipe: str | None, minutes: float | None = None) -> dict:
@@ -76,9 +103,10 @@ def student_rows(args, teachers: dict[str, Path]) -> dict[tuple[str, str | None]
                                            "seed": seed})
         for tag, teacher in teachers.items():
             own = tag == f"teacher {args.labeled_fraction:.0%}"
-            if not own and seed not in (args.full_teacher_seeds or args.seeds):
+            if tag == "teacher 100%" and seed not in (args.full_teacher_seeds or args.seeds):
                 continue
-            for recipe in args.recipes if own else (args.full_teacher_recipes or args.recipes):
+            recipes = {"teacher 100%": args.full_teacher_recipes, "ensemble": args.ensemble_recipes}.get(tag)
+            for recipe in args.recipes if own else (recipes or args.recipes):
                 name = f"{recipe}_{tag}_seed{seed}"  # e.g. "logit-kd_teacher 10%_seed0"
                 rows.setdefault((f"{recipe} ({tag})", tag), []).append(
                     {**scored(args.data, args.out, name, args.out / name, student_tree(args, seed, teacher, recipe)),
@@ -104,6 +132,12 @@ def main() -> None:
     parser.add_argument("--full-teacher-recipes", nargs="+", default=None, help="recipes distilled from the "
                         "full teacher (default: --recipes)")
     parser.add_argument("--full-teacher-seeds", type=int, nargs="+", default=None, help="default: --seeds")
+    parser.add_argument("--ensemble", type=int, default=0, help="members of a uniform ensemble trained on the "
+                        "labelled cases (0: none)")
+    parser.add_argument("--member-shrink", type=int, default=2, help="width reduction of each ensemble member")
+    parser.add_argument("--member-steps", type=int, default=2000)
+    parser.add_argument("--ensemble-recipes", nargs="+", default=None, help="recipes distilled from the ensemble "
+                        "(default: --recipes)")
     parser.add_argument("--shrink", type=int, default=4, help="student UNet width reduction t (4: 26,609 parameters)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--minutes", type=float, default=None, help="also train labels-only and each recipe for this "
@@ -122,6 +156,9 @@ def main() -> None:
     if args.full_teacher:
         teachers["teacher 100%"] = args.full_teacher
         scores["teacher 100%"] = scored(args.data, args.out, "teacher_full", args.full_teacher.parent, None)
+    if args.ensemble:
+        teachers["ensemble"] = ensemble_teacher(args)
+        scores["ensemble"] = ensemble_score(args, teachers["ensemble"])
     rows = student_rows(args, teachers)
     base = rows["labels only", None]
     table = [{**teacher_row(score), "row": tag} for tag, score in scores.items()]
