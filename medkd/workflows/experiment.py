@@ -82,10 +82,13 @@ def _given_teacher(path: Path) -> Path:
 
 
 def _tree(study: Study, out: Path, model: ModelConfig, budget: Budget, seed: int,
-          label_keys: dict[str, Any]) -> dict[str, Any]:
-    """Run config of one training: shared data/train keys, the dataset, labels, budget and seed."""
-    data = {"cache_dir": str(out / "cache"), **study.data, "dataset": str(study.dataset), **label_keys}
-    train = {**study.train, **budget.train_keys(), "seed": seed}
+          label_keys: dict[str, Any], teacher: bool = False) -> dict[str, Any]:
+    """Run config of one training: shared data/train keys (a teacher's own over them), the dataset, labels,
+    budget and seed."""
+    own = study.teacher if teacher else None
+    data = {"cache_dir": str(out / "cache"), **study.data, **(own.data if own else {}), "dataset": str(study.dataset),
+            **label_keys}
+    train = {**study.train, **(own.train if own else {}), **budget.train_keys(), "seed": seed}
     return {"data": data, "model": model.model_dump(mode="json"), "train": train}
 
 
@@ -115,7 +118,7 @@ def _teachers(study: Study, out: Path) -> tuple[list[PlannedRun], dict[str, Path
     for tag, keys in study.label_settings():
         run_id = f"teacher__{tag}"
         run_dir = out / "runs" / run_id
-        tree = _tree(study, out, spec.model, spec.budget, spec.seed, keys)
+        tree = _tree(study, out, spec.model, spec.budget, spec.seed, keys, teacher=True)
         runs.append(PlannedRun(run_id, "teacher", "teacher", "teacher", spec.seed, spec.budget, tag, tree,
                                run_dir / "best.pt", run_dir, out / "eval" / run_id))
         checkpoints[tag] = run_dir / "best.pt"
