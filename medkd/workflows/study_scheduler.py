@@ -139,6 +139,16 @@ class _Scheduler:
             self.console.print(f"{run.run_id}: {row['outcome']} in slot {row['slot']}")
         write_csv(self.rows, self.schedule_path, fieldnames=SCHEDULE_COLUMNS)
 
+    def __enter__(self) -> "_Scheduler":
+        return self
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        """On an unexpected error here, stop the slots' processes (they save) rather than leave them behind."""
+        if kind is not None:
+            self.stop_all()
+            for _, process, _ in self.running.values():
+                process.join()
+
     def stop_all(self) -> None:
         """SIGTERM to every running slot process (once each): runs write last.pt and stop."""
         for _, process, _ in self.running.values():
@@ -164,7 +174,7 @@ def run_on_slots(runs: list[PlannedRun], study: Study, slots: list[Slot], out: P
     in both cases once every slot's process has ended.
     """
     scheduler = _Scheduler(runs, study, slots, out, console)
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, scheduler:
         while scheduler.pending or scheduler.running:
             halt = stop.signum is not None or scheduler.failed is not None
             if halt:

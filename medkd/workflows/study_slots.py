@@ -133,10 +133,12 @@ def run_in_slot(run: Any, study: Any, slot: Slot, log_path: str) -> None:
     from medkd.workflows.study_results import evaluate_run
 
     try:
-        if slot.kind == "cuda":
-            import torch
+        import torch
 
+        if slot.kind == "cuda":
             torch.cuda.set_device(slot.gpu)
+        else:  # also for an evaluation alone (the trainer sets train.num_threads)
+            torch.set_num_threads(len(slot.cores))
         train_planned(run, slot=slot)
         evaluate_run(run, study)
     except TrainingInterrupted as err:

@@ -118,3 +118,20 @@ def test_runs_spread_over_two_slots_match_the_serial_order_and_resume_after_a_ki
     assert _without_timing(_rows(out / "runs.csv")) == _without_timing(_rows(serial / "runs.csv"))
     config = yaml.safe_load((out / "runs" / "tiny__logit-kd__steps12__cases4__seed0" / "config.yaml").read_text())
     assert config["train"]["accelerator"] == "cpu" and config["train"]["num_threads"] == 1
+
+
+@pytest.mark.slow
+def test_a_run_failing_in_its_slot_stops_the_study_naming_the_run_and_its_log(phantoms_2d, tmp_path):
+    from medkd.workflows.study_scheduler import SlotRunFailed
+
+    tree = yaml.safe_load(_study_file(tmp_path, phantoms_2d).read_text())
+    (tmp_path / "teacher.pt").write_bytes(b"not a checkpoint")
+    tree.update(teacher={"path": str(tmp_path / "teacher.pt")})
+    study = tmp_path / "broken.yaml"
+    study.write_text(yaml.safe_dump(tree))
+    core = min(os.sched_getaffinity(0))
+    with pytest.raises(SlotRunFailed, match="teacher__given failed in slot") as err:
+        run_study(study, tmp_path / "out", devices=f"cpu:{core}", console=Console(width=200, record=True))
+    log = tmp_path / "out" / "logs" / "teacher__given.log"
+    assert str(log) in str(err.value) and "Traceback" in log.read_text() and "teacher.pt" in log.read_text()
+    assert [(r["run"], r["outcome"]) for r in _rows(tmp_path / "out" / "schedule.csv")] == [("teacher__given", "failed")]
