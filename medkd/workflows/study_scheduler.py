@@ -114,8 +114,8 @@ class _Scheduler:
             process = self.context.Process(target=run_in_slot, args=(run, self.study, slot, str(log_path)),
                                            name=f"medkd-{slot.name}")
             process.start()
-            row = {"run": run.run_id, "slot_no": index + 1, "slot": slot.name, "pid": process.pid, "status": status, "started": _now(),
-                   "ended": "", "outcome": "running"}
+            row = {"run": run.run_id, "slot_no": index + 1, "slot": slot.name, "pid": process.pid, "status": status,
+                   "started": _now(), "ended": "", "outcome": "running"}
             self.rows.append(row)
             self.running[index] = (run, process, row)
             self.console.print(f"[bold][{self.runs.index(run) + 1}/{len(self.runs)}][/] {run.run_id}: {status} "
@@ -133,7 +133,10 @@ class _Scheduler:
             row.update(ended=_now(), outcome="done" if done else "stopped" if stopped else "failed")
             if stopped:
                 self.stopped.append(run.run_id)
-            elif not done and self.failed is None:
+            if stopped and not stopping and self.failed is None:  # a signal sent to the run's process alone
+                self.failed = (f"run {run.run_id} in slot {row['slot']} was stopped by a signal to its process "
+                               f"{process.pid}; run the command again to resume it")
+            elif not done and not stopped and self.failed is None:
                 self.failed = (f"run {run.run_id} failed in slot {row['slot']} (exit code {process.exitcode}); "
                                f"its output and traceback: {self.out / 'logs' / (run.run_id + '.log')}")
             self.console.print(f"{run.run_id}: {row['outcome']} in slot {row['slot']}")

@@ -134,4 +134,5 @@ def test_a_run_failing_in_its_slot_stops_the_study_naming_the_run_and_its_log(ph
         run_study(study, tmp_path / "out", devices=f"cpu:{core}", console=Console(width=200, record=True))
     log = tmp_path / "out" / "logs" / "teacher__given.log"
     assert str(log) in str(err.value) and "Traceback" in log.read_text() and "teacher.pt" in log.read_text()
-    assert [(r["run"], r["outcome"]) for r in _rows(tmp_path / "out" / "schedule.csv")] == [("teacher__given", "failed")]
+    schedule = _rows(tmp_path / "out" / "schedule.csv")
+    assert [(r["run"], r["outcome"]) for r in schedule] == [("teacher__given", "failed")]
