@@ -136,7 +136,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     seed: int = 0
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
-    devices: int | str = 1
+    devices: int | str | list[int] = Field(1, description="Fabric devices: a count, 'auto', or device indices [i, ...]")
     num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
     precision: str = Field("auto", description="'auto' = 32-true on CPU, bf16-mixed/16-mixed on GPU")

@@ -385,12 +385,13 @@ class Trainer:
 
 
 def train(config: RunConfig | None, run_dir: str | Path, resume: bool = False, **kwargs: Any) -> TrainResult:
-    """Train (or, with ``config.distill``, distil) in ``run_dir``; a resumed run reads its config there."""
+    """Train (or, with ``config.distill``, distil) in ``run_dir``; a resumed run reads its config there
+    unless ``config`` is given (its stored config placed on another device, :mod:`medkd.workflows.study_slots`)."""
     if resume:
         from medkd.config import load_config
 
         check_run_dir(Path(run_dir), resume=True)  # refuse early a run that could not be claimed
-        config = load_config(Path(run_dir) / "config.yaml")
+        config = config if config is not None else load_config(Path(run_dir) / "config.yaml")
     if config.distill is not None and "task_factory" not in kwargs:
         from medkd.engine.distill import distill_task_factory
 

@@ -22,8 +22,10 @@ Restarting: a run with ``result.json`` is not trained again, one with ``last.pt`
 any point and repeats no finished run. A run whose stored ``config.yaml`` differs from what the study
 now asks is refused with the differences (edit the study back, or use another ``--out``).
 
-Runs go one after another in this process. Spreading runs over several devices is not implemented:
-each run uses the study's ``train.accelerator`` / ``train.devices`` as a plain ``medkd train`` would.
+Without ``devices`` runs go one after another in this process, each on the study's ``train.accelerator``
+/ ``train.devices`` as a plain ``medkd train`` would. With ``devices`` (``"cuda:0,cuda:1"``,
+``"cpu:0-1,cpu:2-3"``, :mod:`medkd.workflows.study_slots`) they are spread over those slots, one run per
+slot at a time, each in its own process (:mod:`medkd.workflows.study_scheduler`); the same restart rules hold.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 from rich.console import Console
@@ -40,6 +42,9 @@ from rich.console import Console
 from medkd.config import ConfigError, ModelConfig, build_config, load_yaml
 from medkd.storage import atomic_write_text
 from medkd.workflows.study import LABELS_ONLY, Budget, Study, load_study
+
+if TYPE_CHECKING:
+    from medkd.workflows.study_slots import Slot
 
 
 @dataclass
@@ -77,10 +82,13 @@ def _given_teacher(path: Path) -> Path:
 
 
 def _tree(study: Study, out: Path, model: ModelConfig, budget: Budget, seed: int,
-          label_keys: dict[str, Any]) -> dict[str, Any]:
-    """Run config of one training: shared data/train keys, the dataset, labels, budget and seed."""
-    data = {"cache_dir": str(out / "cache"), **study.data, "dataset": str(study.dataset), **label_keys}
-    train = {**study.train, **budget.train_keys(), "seed": seed}
+          label_keys: dict[str, Any], teacher: bool = False) -> dict[str, Any]:
+    """Run config of one training: shared data/train keys (a teacher's own over them), the dataset, labels,
+    budget and seed."""
+    own = study.teacher if teacher else None
+    data = {"cache_dir": str(out / "cache"), **study.data, **(own.data if own else {}), "dataset": str(study.dataset),
+            **label_keys}
+    train = {**study.train, **(own.train if own else {}), **budget.train_keys(), "seed": seed}
     return {"data": data, "model": model.model_dump(mode="json"), "train": train}
 
 
@@ -110,7 +118,7 @@ def _teachers(study: Study, out: Path) -> tuple[list[PlannedRun], dict[str, Path
     for tag, keys in study.label_settings():
         run_id = f"teacher__{tag}"
         run_dir = out / "runs" / run_id
-        tree = _tree(study, out, spec.model, spec.budget, spec.seed, keys)
+        tree = _tree(study, out, spec.model, spec.budget, spec.seed, keys, teacher=True)
         runs.append(PlannedRun(run_id, "teacher", "teacher", "teacher", spec.seed, spec.budget, tag, tree,
                                run_dir / "best.pt", run_dir, out / "eval" / run_id))
         checkpoints[tag] = run_dir / "best.pt"
@@ -149,31 +157,40 @@ def run_status(run: PlannedRun) -> str:
     return "resume" if (run.run_dir / "last.pt").is_file() else "train"
 
 
-def check_same_config(run: PlannedRun) -> None:
-    """Refuse to continue or reuse a run whose stored config differs from the one the study asks for."""
+def check_same_config(run: PlannedRun, slot: "Slot | None" = None) -> None:
+    """Refuse to continue or reuse a run whose stored config differs from the one the study asks for.
+
+    Where it ran (``train.accelerator``, ``devices``, ``num_threads``) is not compared: a run may resume
+    in another slot. ``slot`` (any slot of the call) places the planned config to resolve its precision.
+    """
     from medkd.engine.trainer import resolve_precision
+    from medkd.workflows.study_slots import PLACEMENT_KEYS, placed
     from medkd.workflows.teacher_plan import plan_differences
 
     stored_path = run.run_dir / "config.yaml"
     if not stored_path.is_file() or run_status(run) not in ("done", "evaluate", "resume"):
         return
-    planned = build_config(run.tree)
+    planned = build_config(placed(run.tree, slot))
     planned.train.precision = resolve_precision(planned.train.precision, planned.train.accelerator)
-    diffs = plan_differences(load_yaml(stored_path), planned.to_yaml_dict())
+    placement = tuple(f"train.{key}:" for key in PLACEMENT_KEYS)
+    diffs = [d for d in plan_differences(load_yaml(stored_path), planned.to_yaml_dict()) if not d.startswith(placement)]
     if diffs:
         raise ConfigError(f"{stored_path} holds a run made with another config than the study now asks "
                           f"(stored -> study): {'; '.join(diffs[:8])}; restore the study file or use another --out")
 
 
-def train_planned(run: PlannedRun, callbacks: Sequence[Any] = ()) -> None:
-    """Train ``run`` (or resume it from last.pt); a finished run (result.json) is left alone."""
+def train_planned(run: PlannedRun, callbacks: Sequence[Any] = (), slot: "Slot | None" = None) -> None:
+    """Train ``run`` (or resume it from last.pt), placed in ``slot`` if given; a finished run (result.json)
+    is left alone. A resumed run keeps its stored config, placed in ``slot``."""
     from medkd.engine.trainer import train
+    from medkd.workflows.study_slots import placed
 
     status = run_status(run)
     if status == "resume":
-        train(None, run.run_dir, resume=True, callbacks=list(callbacks))
+        stored = None if slot is None else build_config(placed(load_yaml(run.run_dir / "config.yaml"), slot))
+        train(stored, run.run_dir, resume=True, callbacks=list(callbacks))
     elif status == "train":
-        train(build_config(run.tree), run.run_dir, callbacks=list(callbacks))
+        train(build_config(placed(run.tree, slot)), run.run_dir, callbacks=list(callbacks))
 
 
 def _train_or_note(run: PlannedRun, callbacks: Sequence[Any], console: Console, study_path: Path) -> None:
@@ -188,33 +205,12 @@ def _train_or_note(run: PlannedRun, callbacks: Sequence[Any], console: Console, 
         raise
 
 
-def run_study(study_path: str | Path, out: str | Path | None = None, *, dry_run: bool = False,
-              console: Console | None = None, callbacks: Callable[[PlannedRun], Sequence[Any]] | None = None,
-              after_run: Callable[[PlannedRun], None] | None = None) -> Path:
-    """Run (or, with ``dry_run``, list and cost) every run of the study in ``out``; return ``out``.
+def _run_serially(runs: list[PlannedRun], study: Study, console: Console, study_path: Path,
+                  callbacks: Callable[[PlannedRun], Sequence[Any]] | None,
+                  after_run: Callable[[PlannedRun], None] | None) -> None:
+    """Train (or resume) and evaluate every run not yet evaluated, one after another in this process."""
+    from medkd.workflows.study_results import evaluate_run
 
-    ``callbacks(run)`` gives trainer callbacks for a run and ``after_run(run)`` is called when a run
-    is trained and evaluated in this call (tests use them to stop a study part-way).
-    """
-    from medkd.workflows.study_results import evaluate_run, write_outputs
-
-    console = console or Console()
-    study_path = Path(study_path)
-    study = load_study(study_path)
-    # absolute: run configs store their cache and teacher paths, so a restart from another folder matches
-    out = (Path(out) if out is not None else default_out(study_path)).resolve()
-    runs = plan_runs(study, out, source=str(study_path))
-    for run in runs:
-        if run.trained_here:
-            check_same_config(run)
-    if dry_run:
-        from medkd.workflows.study_cost import print_plan
-
-        print_plan(study, runs, console)
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "study.yaml", yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
-    started = time.monotonic()
     for index, run in enumerate(runs, 1):
         status = run_status(run)
         if status != "done":
@@ -225,6 +221,46 @@ def run_study(study_path: str | Path, out: str | Path | None = None, *, dry_run:
             evaluate_run(run, study)
             if after_run is not None:
                 after_run(run)
+
+
+def run_study(study_path: str | Path, out: str | Path | None = None, *, dry_run: bool = False,
+              devices: str | None = None, console: Console | None = None,
+              callbacks: Callable[[PlannedRun], Sequence[Any]] | None = None,
+              after_run: Callable[[PlannedRun], None] | None = None) -> Path:
+    """Run (or, with ``dry_run``, list and cost) every run of the study in ``out``; return ``out``.
+
+    ``devices`` (e.g. ``"cuda:0,cuda:1"``, ``"cpu:0,cpu:1"``) spreads the runs over those slots, one
+    process per run; default: one after another in this process. ``callbacks(run)`` gives trainer
+    callbacks for a run and ``after_run(run)`` is called when a run is trained and evaluated in this
+    call (serial runs only; tests use them to stop a study part-way).
+    """
+    from medkd.workflows.study_results import write_outputs
+    from medkd.workflows.study_slots import parse_devices
+
+    console = console or Console()
+    study_path = Path(study_path)
+    slots = parse_devices(devices) if devices is not None else None
+    study = load_study(study_path)
+    # absolute: run configs store their cache and teacher paths, so a restart from another folder matches
+    out = (Path(out) if out is not None else default_out(study_path)).resolve()
+    runs = plan_runs(study, out, source=str(study_path))
+    for run in runs:
+        if run.trained_here:
+            check_same_config(run, slots[0] if slots else None)
+    if dry_run:
+        from medkd.workflows.study_cost import print_plan
+
+        print_plan(study, runs, console, slots=len(slots) if slots else 1)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.yaml", yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
+    started = time.monotonic()
+    if slots:
+        from medkd.workflows.study_scheduler import run_on_slots
+
+        run_on_slots(runs, study, slots, out, study_path, console)
+    else:
+        _run_serially(runs, study, console, study_path, callbacks, after_run)
     paths = write_outputs(out, runs, study)
     console.print(f"{len(runs)} runs in {out} ({time.monotonic() - started:.0f} s); wrote "
                   + ", ".join(p.name for p in paths))

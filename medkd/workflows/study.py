@@ -12,6 +12,8 @@ over seeds, budgets and labelled fractions, on one dataset's held-out cases (``i
       model: {name: unet, preset: teacher, shrink: 2}
       steps: 200                       # and/or minutes
       seed: 0
+      data: {batch_size: 4}            # optional: run-config keys for the teacher only, over the shared ones
+      train: {val_every: 50}
     # teacher: {path: runs/teacher}    # ... or an existing run folder, best.pt or teacher set
     students:
       - {name: small, model: {name: unet, preset: student, shrink: 4}}
@@ -36,7 +38,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medkd.config import ConfigError, ModelConfig, format_validation_error, load_yaml
+from medkd.config import ConfigError, DataConfig, ModelConfig, TrainConfig, format_validation_error, load_yaml
 
 #: run-config keys the study sets itself, with the study key to use instead
 RESERVED = {
@@ -50,6 +52,17 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _check_reserved(section: str, keys: dict[str, Any]) -> dict[str, Any]:
+    """``keys`` (a ``data`` or ``train`` dict of run-config keys), refusing the ones the study sets itself."""
+    known = (DataConfig if section == "data" else TrainConfig).model_fields
+    for key in keys:
+        if f"{section}.{key}" in RESERVED:
+            raise ValueError(f"{section}.{key} is set by the study: use `{RESERVED[section + '.' + key]}`")
+        if key not in known:
+            raise ValueError(f"{section}.{key}: unknown run-config key; known: {', '.join(known)}")
+    return keys
 
 
 class Budget(_Strict):
@@ -90,6 +103,13 @@ class TeacherSpec(_Strict):
     steps: int | None = Field(None, ge=1)
     minutes: float | None = Field(None, gt=0)
     seed: int = 0
+    data: dict[str, Any] = Field(default_factory=dict, description="run-config data keys of the teacher only")
+    train: dict[str, Any] = Field(default_factory=dict, description="run-config train keys of the teacher only")
+
+    @field_validator("data", "train")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, Any], info: Any) -> dict[str, Any]:
+        return _check_reserved(info.field_name, value)
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherSpec":
@@ -97,8 +117,8 @@ class TeacherSpec(_Strict):
             raise ValueError("give teacher.path (an existing teacher) or teacher.model (trained by the study)")
         if self.model is not None and self.steps is None and self.minutes is None:
             raise ValueError("a teacher trained by the study needs teacher.steps or teacher.minutes")
-        if self.path is not None and (self.steps or self.minutes):
-            raise ValueError("teacher.steps/minutes apply to a trained teacher, not to teacher.path")
+        if self.path is not None and (self.steps or self.minutes or self.data or self.train):
+            raise ValueError("teacher.steps/minutes/data/train apply to a trained teacher, not to teacher.path")
         return self
 
     @property
@@ -143,11 +163,7 @@ class Study(_Strict):
     @field_validator("data", "train")
     @classmethod
     def _not_reserved(cls, value: dict[str, Any], info: Any) -> dict[str, Any]:
-        for key in value:
-            if f"{info.field_name}.{key}" in RESERVED:
-                raise ValueError(f"{info.field_name}.{key} is set by the study: use "
-                                 f"`{RESERVED[info.field_name + '.' + key]}`")
-        return value
+        return _check_reserved(info.field_name, value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Study":
@@ -230,9 +246,9 @@ def load_study(path: str | Path) -> Study:
     study.recipes = [str(_resolve(base, Path(r))) if Path(r).suffix else r for r in study.recipes]
     if study.teacher.path is not None:
         study.teacher.path = _resolve(base, study.teacher.path)
-    for key in ("cache_dir",):
-        if key in study.data:
-            study.data[key] = str(_resolve(base, Path(study.data[key])))
+    for data in (study.data, study.teacher.data):
+        if "cache_dir" in data:
+            data["cache_dir"] = str(_resolve(base, Path(data["cache_dir"])))
     _check_paths(study, str(path))
     _check_names(study, str(path))
     return study

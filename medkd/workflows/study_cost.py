@@ -142,15 +142,17 @@ def plan_rows(study: Study, runs: list[PlannedRun]) -> list[dict[str, Any]]:
     return rows
 
 
-def print_plan(study: Study, runs: list[PlannedRun], console: Console) -> list[dict[str, Any]]:
-    """Print the dry-run table and the total; return its rows."""
+def print_plan(study: Study, runs: list[PlannedRun], console: Console, slots: int = 1) -> list[dict[str, Any]]:
+    """Print the dry-run table and the total (spread over ``slots`` slots: about the total / slots); return its rows."""
     rows = plan_rows(study, runs)
     columns = [("run", "run", "s"), ("status", "status", "s"), ("budget", "budget", "s"),
                ("s_per_step", "s/step", ".3f"), ("source", "step time", "s"), ("minutes", "est. min", ".1f")]
     console.print(comparison_table(rows, columns, title=f"study {study.name}: {len(runs)} runs"))
     todo = [r for r in rows if r["status"] in ("train", "resume")]
     evaluate = sum(r["status"] != "done" for r in rows)
-    console.print(f"{len(todo)} run(s) to train or resume, {evaluate} to evaluate; about "
-                  f"{sum(r['minutes'] for r in todo):.1f} min of training, one run after another (not counting "
-                  "data loading, validation, teacher-output caching and evaluation of the test cases)")
+    total = sum(r["minutes"] for r in todo)
+    spread = "one run after another" if slots == 1 else f"about {total / slots:.1f} min spread over {slots} slots"
+    console.print(f"{len(todo)} run(s) to train or resume, {evaluate} to evaluate; about {total:.1f} min of "
+                  f"training, {spread} (not counting data loading, validation, teacher-output caching and "
+                  "evaluation of the test cases)")
     return rows

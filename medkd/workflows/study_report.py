@@ -68,7 +68,7 @@ def table_rows(summary: list[dict[str, str]]) -> list[dict[str, str]]:
                                                        else f" ± {_fmt(n(r['test_dice_sd']), '.3f')}") + ci,
             "delta": delta or "-", "wins": f"{r['wins']}/{r['n_cases']}" if r["wins"] else "-",
             "p": "-" if r["p_value"] == "" else f"{_fmt(n(r['p_value']), '.2g')} ({_fmt(n(r['p_holm']), '.2g')})",
-            "gap": "-" if r["gap_closed"] == "" else _fmt(100 * n(r["gap_closed"]), ".0f") + "%",
+            "gap": "-" if math.isnan(n(r["gap_closed"])) else f"{100 * n(r['gap_closed']):.0f}%",
         })
     return out
 

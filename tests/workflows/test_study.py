@@ -48,6 +48,8 @@ CASES = [
     ("budgets", [{}], "budgets.0"),
     ("unlabeled", ["no/such/folder"], "unlabeled.0"),
     ("teacher.path", "no/such/best.pt", "teacher"),             # both path and model
+    ("teacher.data.dataset", "x", "teacher.data"),      # set by the study, also for the teacher
+    ("teacher.train.val_evry", 5, "teacher.train"),    # typo in a teacher-only run-config key
 ]
 
 
@@ -86,3 +88,15 @@ def test_relative_paths_are_relative_to_the_study_file(phantoms_2d, tmp_path):
 def test_report_of_a_folder_that_is_no_study_fails_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "study.yaml" in result.output and "Traceback" not in result.output
+
+
+def test_teacher_only_keys_apply_to_the_teacher_alone(phantoms_2d, tmp_path):
+    from medkd.workflows.experiment import plan_runs
+
+    tree = _study(phantoms_2d)
+    tree["teacher"].update(data={"batch_size": 4}, train={"val_every": 7})
+    study = load_study(_write(tmp_path, tree))
+    runs = {r.run_id: r.tree for r in plan_runs(study, tmp_path / "out")}
+    teacher = runs.pop("teacher__all")
+    assert teacher["data"]["batch_size"] == 4 and teacher["train"]["val_every"] == 7
+    assert all(t["data"]["batch_size"] == 2 and "val_every" not in t["train"] for t in runs.values())
