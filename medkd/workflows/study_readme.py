@@ -70,10 +70,28 @@ def _study(study_dir: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+def _source_study(study_dir: Path) -> Path:
+    """The study file as written (beside the folder, same name) when it is there, else the folder's resolved copy
+    (whose paths are absolute on the machine that ran it)."""
+    source = study_dir.resolve().with_suffix(".yaml")
+    return source if source.is_file() else study_dir / "study.yaml"
+
+
+def _without_figures(report: str, left_out: list[Path]) -> str:
+    """``report.md`` with the image links of ``left_out`` figures replaced by a note (no dangling links)."""
+    for figure in left_out:
+        link = f"report/{figure.name}"
+        note = f"*{link} ({figure.stat().st_size // 1000} kB) is left out of the saved results*"
+        report = "\n".join(note if line.strip().startswith("![") and f"({link})" in line else line
+                           for line in report.split("\n"))
+    return report
+
+
 def save_results(study_dir: str | Path, dest: str | Path) -> list[Path]:
     """Copy a finished study's README material into ``dest`` (see the module doc); return the files written.
 
-    Figures over :data:`MAX_FIGURE_BYTES` are left out (their links in ``report.md`` then point nowhere).
+    Figures over :data:`MAX_FIGURE_BYTES` are left out, and their links in the copied ``report.md`` become a
+    note saying so. ``study.yaml`` is the study file as written when it lies beside the folder.
     """
     study_dir, dest = Path(study_dir), Path(dest)
     missing = [name for name in COPIED if not (study_dir / name).is_file()]
@@ -81,13 +99,18 @@ def save_results(study_dir: str | Path, dest: str | Path) -> list[Path]:
         raise ConfigError(f"{study_dir}: {', '.join(missing)} missing: run `medkd report {study_dir}` on a finished "
                           "study folder first")
     record = provenance(study_dir)
+    figures = sorted((study_dir / "report").glob("*.png"))
+    left_out = [f for f in figures if f.stat().st_size > MAX_FIGURE_BYTES]
+    sources = {name: study_dir / name for name in COPIED} | {f"report/{f.name}": f for f in figures if f not in left_out}
+    sources["study.yaml"] = _source_study(study_dir)
     written = []
-    for path in [study_dir / name for name in COPIED] + sorted((study_dir / "report").glob("*.png")):
-        if path.suffix == ".png" and path.stat().st_size > MAX_FIGURE_BYTES:
-            continue
-        target = dest / path.relative_to(study_dir)
+    for name, path in sources.items():
+        target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(target, path.read_bytes())
+        data = path.read_bytes()
+        if name == "report.md":
+            data = _without_figures(data.decode(), left_out).encode()
+        atomic_write_bytes(target, data)
         written.append(target)
     atomic_write_text(dest / "provenance.json", json.dumps(record, indent=1) + "\n")
     return written + [dest / "provenance.json"]
