@@ -316,6 +316,8 @@ class Trainer:
                 self._stop_if_signalled(step)
         finally:
             self.stops.deferred = False
+            # workers ignore SIGTERM: stop them here, or an exit still holding this frame waits on them forever
+            getattr(batches, "_shutdown_workers", lambda: None)()
             self.clock.add("train", time.monotonic() - loop_start - self.clock.phases.get("validation", 0.0) + validated)
             if bar is not None:
                 bar.close()

@@ -55,6 +55,21 @@ def test_signal_writes_a_checkpoint_and_resume_matches_an_uninterrupted_run(phan
         assert _steps(tmp_path / "cut" / name) == _steps(tmp_path / "full" / name), name
 
 
+def test_a_stop_shuts_the_loader_workers_down_at_once(phantoms_2d, tmp_path, tiny_config):
+    """Loader workers ignore SIGTERM (the main process stops them), so the trainer must stop them itself: an
+    uncaught TrainingInterrupted keeps the loader alive in its traceback, and at interpreter exit
+    multiprocessing would then wait forever on workers that ignore its terminate()."""
+    import multiprocessing
+
+    tree = tiny_config(phantoms_2d, tmp_path / "cache", max_steps=50, checkpoint_every=100)
+    tree["data"]["num_workers"] = 1
+    before = set(multiprocessing.active_children())
+    with pytest.raises(TrainingInterrupted) as stopped:
+        Trainer(build_config(tree), tmp_path / "cut", callbacks=[SignalAt(3)]).fit()
+    assert stopped.value.__traceback__ is not None  # the loop's frame, and with it the loader, is still referenced
+    assert set(multiprocessing.active_children()) - before == set()
+
+
 def test_resume_after_kill_drops_the_log_rows_it_repeats(phantoms_2d, tmp_path, tiny_config, interrupt_at):
     cfg = build_config(tiny_config(phantoms_2d, tmp_path / "cache", max_steps=6, checkpoint_every=2, val_every=1))
     with pytest.raises(KeyboardInterrupt):  # a hard stop after step 3: last.pt is at step 2
