@@ -9,7 +9,15 @@ import torch
 from monai.data.utils import dense_patch_slices
 from typer.testing import CliRunner
 
-from medkd.engine.budget import EXIT_S, PhaseClock, TimeBudget, inference_windows, sliding_windows
+from medkd.engine.budget import (
+    EXIT_S,
+    INFERENCE_BATCH,
+    PhaseClock,
+    TimeBudget,
+    inference_windows,
+    seconds_per_window,
+    sliding_windows,
+)
 
 
 def test_window_count_matches_monai():
@@ -18,6 +26,23 @@ def test_window_count_matches_monai():
         scan = [max(1, int(p * 0.5)) for p in patch]
         assert sliding_windows(shape, patch) == len(dense_patch_slices(padded, patch, scan))
     assert inference_windows([(3, 100, 90)], "2d", (64, 64)) == 3 * sliding_windows((100, 90), (64, 64))
+
+
+def test_window_time_is_measured_on_a_batch_of_windows_as_validation_runs_them():
+    class Slow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def forward(self, x):
+            self.batches.append(x.shape[0])
+            time.sleep(0.02)  # a fixed cost per forward, as a small network's overhead is
+            return x
+
+    net = Slow().train()
+    per_window = seconds_per_window(net, 1, (16, 16), torch.device("cpu"))
+    assert net.batches == [INFERENCE_BATCH] * 3 and net.training  # warm-up + 2 timed, training mode restored
+    assert 0.02 / INFERENCE_BATCH <= per_window < 0.02  # the forward's cost shared by its windows
 
 
 def test_reserve_is_calibrated_by_measured_validations():
