@@ -29,13 +29,17 @@ from medkd.evaluation.report import comparison_table, write_csv
 from acdc_2d_supervised import DEFAULT_DATA, newest_input, test_scores
 
 
-def train_default(data: Path, run_dir: Path, mode: str, minutes: float, threads: int, sets: list[str]) -> dict:
-    """``medkd train`` with the dataset, mode, budget and thread count only (plus ``--set`` extras)."""
+def train_default(data: Path, run_dir: Path, mode: str, minutes: float, threads: int, sets: list[str],
+                  plan: Path | None = None) -> dict:
+    """``medkd train`` with the dataset, mode, budget and thread count only (plus ``--set`` extras, and a
+    ``--plan`` made by ``medkd plan`` with other budget options, e.g. ``--gmacs``)."""
     if not (run_dir / "result.json").is_file():
         command = [str(Path(sys.executable).parent / "medkd"), "train", "--dataset", str(data), "--mode", mode,
                    "--max-time-min", str(minutes), "--run-dir", str(run_dir), "--set", f"train.num_threads={threads}"]
         for item in sets:
             command += ["--set", item]
+        if plan is not None:
+            command += ["--plan", str(plan), "--configuration", "2d" if mode == "2d" else "3d_fullres"]
         subprocess.run(command, check=True)
     return json.loads((run_dir / "result.json").read_text())
 
@@ -54,12 +58,14 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=["2d", "3d"], default=["2d"])
     parser.add_argument("--tag", default="default", help="row label and run-folder prefix")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE passed to medkd train")
+    parser.add_argument("--plan", type=Path, default=None, help="plans.json from `medkd plan` (default: planned by "
+                        "the run itself, as a user's run is)")
     parser.add_argument("--out", type=Path, default=Path("bench_runs/default_teacher"))
     args = parser.parse_args()
     rows = []
     for mode in args.modes:
         run_dir = args.out / f"{args.tag}_{mode}"
-        result = train_default(args.data, run_dir, mode, args.minutes, args.threads, args.sets)
+        result = train_default(args.data, run_dir, mode, args.minutes, args.threads, args.sets, args.plan)
         checkpoint = run_dir / "best.pt"
         scores = test_scores(f"{args.tag}_{mode}", Predictor(checkpoint), args.data, args.out,
                              reuse_after=newest_input(checkpoint))

@@ -2,7 +2,7 @@
 
 For each dataset a temporary ``nnUNet_raw`` layout is made (links to the images and labels, the
 dataset.json), ``nnUNetv2_extract_fingerprint`` and ``nnUNetv2_plan_experiment`` (nnU-Net's default
-planner, 8 GB GPU target) write ``nnUNetPlans.json``, and ``medkd plan``'s planner (CPU budget: 300
+planner, 8 GB GPU target) write ``nnUNetPlans.json``, and ``medkd plan``'s planner (CPU budget: 2,000
 teacher steps in 10 minutes on 2 threads) plans the same data. Needs the ``nnunet`` extra (nnunetv2).
 
     taskset -c 0 python benchmarks/plan_vs_nnunet.py --acdc /work/shared/data/ACDC
@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medkd.data.phantoms import make_phantoms
+from medkd.plans import Budget
 from medkd.workflows.plan import make_plans
 
 
@@ -68,7 +69,8 @@ def rows(label: str, medkd_plans: dict, nnunet: dict) -> list[list[str]]:
             return str(value)
         out.append([label, config, cell(ours, "spacing"), cell(theirs, "spacing"), cell(ours, "patch_size"),
                     cell(theirs, "patch_size"), cell(ours, "batch_size"), cell(theirs, "batch_size"),
-                    cell(ours, "normalization"), cell(theirs, "normalization_schemes")])
+                    cell(ours, "normalization"), cell(theirs, "normalization_schemes"),
+                    "-" if ours is None else f"1/{2 ** ours['teacher']['shrink']}"])
     return out
 
 
@@ -81,9 +83,11 @@ def main() -> None:
                                                   num_test=1, seed=3), 902, "P3D")]
     if opts.acdc is not None:
         datasets.append(("ACDC", opts.acdc, 927, "ACDC"))
-    table = Table(title="medkd plan (CPU: 300 teacher steps in 10 min, 2 threads) vs nnU-Net v2 (8 GB GPU)")
+    budget = Budget()
+    table = Table(title=f"medkd plan (CPU: {budget.min_steps} teacher steps in {budget.minutes:g} min, "
+                        f"{budget.threads} threads) vs nnU-Net v2 (8 GB GPU)")
     for column in ("dataset", "configuration", "spacing medkd", "spacing nnU-Net", "patch medkd", "patch nnU-Net",
-                   "batch medkd", "batch nnU-Net", "norm medkd", "norm nnU-Net"):
+                   "batch medkd", "batch nnU-Net", "norm medkd", "norm nnU-Net", "medkd teacher width (nnU-Net: 1)"):
         table.add_column(column)
     for label, source, dataset_id, name in datasets:
         ours = make_plans(source, cache_dir=work / "cache")

@@ -21,10 +21,10 @@ def plan_command(
     cache_dir: Annotated[Optional[Path], typer.Option(help="where the fingerprint is cached (default: "
                                                       "$MEDKD_CACHE or .cache/medkd)")] = None,
     minutes: Annotated[float, typer.Option(help="budget: training minutes of a teacher")] = 10.0,
-    min_steps: Annotated[int, typer.Option(help="budget: teacher steps those minutes must hold")] = 300,
+    min_steps: Annotated[int, typer.Option(help="budget: teacher steps those minutes must hold")] = 4000,
     threads: Annotated[int, typer.Option(help="budget: CPU threads of a run")] = 2,
     gmacs: Annotated[float, typer.Option(help="budget: training GMAC/s of one thread (forward + backward = 3x "
-                                         "forward MACs); 20 measured on medkd's 3D UNet, fp32, 1 idle CPU thread")] = 20.0,
+                                         "forward MACs); 8: whole training steps measured on a 2-core VM")] = 8.0,
     measure: Annotated[bool, typer.Option("--measure", help="measure --gmacs on this machine now (a few seconds; "
                                           "under load it is lower, and so are the planned patches)")] = False,
     memory_gb: Annotated[float, typer.Option(help="budget: memory of a training step (activations, weights, "

@@ -24,9 +24,11 @@ from torch import nn
 from medkd.models import create
 from medkd.models.complexity import count_macs, count_parameters
 
-#: training throughput of one CPU thread in forward-MAC equivalents x 3 (forward + backward), measured on
-#: medkd's 3D UNet teacher (fp32, PyTorch 2 CPU, one thread of a 2-core VM): 20 GMAC/s.
-DEFAULT_GMACS_PER_THREAD = 20.0
+#: training throughput of one CPU thread in forward-MAC equivalents x 3 (forward + backward): 20 GMAC/s was
+#: measured on medkd's 3D UNet teacher with an idle core, but whole training steps of planned 2D and 3D teachers
+#: ran at 8-12 (data loading, small layers, a busy machine): planning at 20 gave ACDC's 2D teacher 605 steps in
+#: 12 minutes where 2,000 were planned (benchmarks/default_teacher.py). ``medkd plan --measure`` measures it.
+DEFAULT_GMACS_PER_THREAD = 8.0
 BACKWARD_FACTOR = 3.0  # forward + backward ~ 3 forward passes
 
 
@@ -37,7 +39,7 @@ class Budget:
     in at most ``memory_gb`` of memory."""
 
     minutes: float = 10.0
-    min_steps: int = 300
+    min_steps: int = 4000
     threads: int = 2
     gmacs_per_thread: float = DEFAULT_GMACS_PER_THREAD
     thread_efficiency: float = 0.75

@@ -27,7 +27,8 @@ def test_a_plan_fills_what_flags_and_config_file_leave_open(phantoms_3d, tmp_pat
                             note=lambda _: None)
     assert got["data.mode"] == "3d" and got["data.patch_size"] == full["patch_size"]
     assert got["data.batch_size"] == full["batch_size"] and got["data.target_spacing"] == full["target_spacing"]
-    assert got["model.kwargs"]["strides"] == full["teacher"]["strides"] and got["model.shrink"] == 0
+    assert got["model.kwargs"]["strides"] == full["teacher"]["strides"]
+    assert got["model.shrink"] == full["teacher"]["shrink"]
     assert got["plan"]["configuration"] == "3d_fullres"
     flags = planned_overrides(_overrides(phantoms_3d, tmp_path / "cache", **{"data.batch_size": 5}),
                               {"data": {"patch_size": [16, 32, 32]}}, plan=path, configuration="3d_fullres",
