@@ -16,7 +16,7 @@ from medkd.cli import app
 from medkd.engine.ensemble import load_predictor
 from medkd.engine.postprocess import Postprocessing
 from medkd.workflows.nnunet_import import import_nnunet
-from medkd.workflows.nnunet_postprocessing import NnunetPostprocessingError, read_nnunet_steps
+from medkd.workflows.nnunet_postprocessing import NNUNET_STEP, NnunetPostprocessingError, read_nnunet_steps
 from tests.nnunet_results import LABELS, make_results
 
 runner = CliRunner()
@@ -38,6 +38,7 @@ def nnunet_step(monkeypatch):
             raise AssertionError("medkd must never call a function from the pickle")
 
         remove_all_but_largest_component_from_segmentation.__module__ = MODULE
+        remove_all_but_largest_component_from_segmentation.__qualname__ = NNUNET_STEP  # pickled by module + name
         module.remove_all_but_largest_component_from_segmentation = remove_all_but_largest_component_from_segmentation
         for name in ("nnunetv2", "nnunetv2.postprocessing"):
             monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
