@@ -13,22 +13,13 @@ from rich.console import Console
 from medkd.workflows.experiment import run_study
 from medkd.workflows.study_plots import pareto_front
 from medkd.workflows.study_report import write_report
+from tests.study_files import tiny_study_file
 
 RECIPES = ("logit-kd", "balanced-kd")
 
 
 def _study_file(tmp_path, dataset) -> str:
-    tree = {"name": "tiny", "dataset": str(dataset),
-            "data": {"mode": "2d", "patch_size": [64, 64], "batch_size": 4, "num_workers": 0},
-            "train": {"val_every": 1000, "checkpoint_every": 3, "log_every": 1, "progress": False,
-                      "tensorboard": False, "num_threads": 1},
-            "teacher": {"model": {"name": "unet", "preset": "student"}, "steps": 4},
-            "students": [{"name": "tiny", "model": {"name": "unet", "shrink": 4}}],
-            "recipes": list(RECIPES), "seeds": [0, 1], "budgets": [{"steps": 4}],
-            "labeled_cases": [4], "latency_cases": 1}
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
+    return str(tiny_study_file(tmp_path, dataset, recipes=RECIPES, seeds=[0, 1], steps=4, checkpoint_every=3))
 
 
 class Recorder:

@@ -18,6 +18,7 @@ from rich.console import Console
 from medkd.config import ConfigError
 from medkd.workflows.experiment import run_study
 from medkd.workflows.study_slots import Slot, parse_devices
+from tests.study_files import tiny_study_file
 
 REPO = Path(__file__).resolve().parents[2]
 #: columns that measure the machine, not the method (time, latency), and so differ between two calls
@@ -25,17 +26,7 @@ TIMING = {"train_s", "step_s", "step_time_rel", "latency_ms"}
 
 
 def _study_file(tmp_path: Path, dataset: Path) -> Path:
-    tree = {"name": "tiny", "dataset": str(dataset),
-            "data": {"mode": "2d", "patch_size": [64, 64], "batch_size": 4, "num_workers": 0},
-            "train": {"val_every": 1000, "checkpoint_every": 2, "log_every": 1, "progress": False,
-                      "tensorboard": False, "num_threads": 1},
-            "teacher": {"model": {"name": "unet", "preset": "student"}, "steps": 4},
-            "students": [{"name": "tiny", "model": {"name": "unet", "shrink": 4}}],
-            "recipes": ["logit-kd"], "seeds": [0], "budgets": [{"steps": 12}],
-            "labeled_cases": [4], "latency_cases": 1}
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
+    return tiny_study_file(tmp_path, dataset, recipes=["logit-kd"], seeds=[0], steps=12, checkpoint_every=2)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
