@@ -121,7 +121,7 @@ def _check_output(out_dir: Path, force: bool) -> None:
 
 
 def _write_set(states: dict[str, dict[str, Any]], config: NnunetConfiguration, results_dir: Path,
-               folder: Path, postprocessing: tuple[Path, list] | None) -> None:
+               folder: Path, postprocessing: dict[str, Any] | None) -> None:
     members = []
     for name, state in states.items():
         checkpoint = folder / "members" / name / "best.pt"
@@ -134,17 +134,18 @@ def _write_set(states: dict[str, dict[str, Any]], config: NnunetConfiguration, r
         shutil.copyfile(results_dir / name, folder / "nnunet" / name)
     manifest = TeacherSet(kind="nnunet", members=members, labels=dict(config.labels), source=folder).save(folder)
     if postprocessing is not None:
-        source, steps = postprocessing
-        keys = [[name, "best.pt", state["step"]] for name, state in states.items()]
-        write_postprocessing(manifest.parent / POSTPROCESSING_FILE,
-                             nnunet_postprocessing_record(steps, config.labels, keys, source))
+        write_postprocessing(manifest.parent / POSTPROCESSING_FILE, postprocessing)
 
 
-def _postprocessing(results_dir: Path, folds: Sequence[int | str], given: Path | None,
-                    find: bool) -> tuple[Path, list] | None:
-    """nnU-Net's post-processing file (given, or found for ``folds``) and its steps, read before anything is written."""
+def _postprocessing(results_dir: Path, folds: Sequence[int | str], given: Path | None, find: bool,
+                    config: NnunetConfiguration, states: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The set's decision record from nnU-Net's post-processing file (given, or found for ``folds``), made and
+    checked against the labels before anything is written; members keyed as the written set's will be."""
     path = given if given is not None else find_nnunet_postprocessing(results_dir, folds) if find else None
-    return None if path is None else (path, read_nnunet_steps(path))
+    if path is None:
+        return None
+    members = [[name, "best.pt", state["step"]] for name, state in states.items()]
+    return nnunet_postprocessing_record(read_nnunet_steps(path), config.labels, members, path)
 
 
 def import_nnunet(results_dir: str | Path, configuration: str, folds: Sequence[int | str], out_dir: str | Path, *,
@@ -167,9 +168,7 @@ def import_nnunet(results_dir: str | Path, configuration: str, folds: Sequence[i
     config = read_nnunet_configuration(results_dir, configuration)
     states = {f"fold_{fold}": read_fold(results_dir, config, fold, checkpoint_name) for fold in folds}
     pp = _postprocessing(results_dir, folds, None if postprocessing is None else Path(postprocessing),
-                         find_postprocessing)
-    if pp is not None:  # checked against the labels before anything is written
-        nnunet_postprocessing_record(pp[1], config.labels, [], pp[0])
+                         find_postprocessing, config, states)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp_{out_dir.name}.", dir=out_dir.parent))
     try:
