@@ -23,10 +23,12 @@ from tests.study_files import tiny_study_file
 REPO = Path(__file__).resolve().parents[2]
 #: columns that measure the machine, not the method (time, latency), and so differ between two calls
 TIMING = {"train_s", "step_s", "step_time_rel", "latency_ms"}
+#: student steps: enough that a student cannot finish between its first last.pt and the signal (12 could, in CI)
+STEPS = 100
 
 
 def _study_file(tmp_path: Path, dataset: Path) -> Path:
-    return tiny_study_file(tmp_path, dataset, recipes=["logit-kd"], seeds=[0], steps=12, checkpoint_every=2)
+    return tiny_study_file(tmp_path, dataset, recipes=["logit-kd"], seeds=[0], steps=STEPS, checkpoint_every=2)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -75,7 +77,7 @@ def test_runs_spread_over_two_slots_match_the_serial_order_and_resume_after_a_ki
     while time.monotonic() < deadline and first.poll() is None:
         rows = _rows(out / "schedule.csv") if (out / "schedule.csv").is_file() else []
         busy = [r["run"] for r in rows if r["outcome"] == "running"]
-        # a student's last.pt: the teacher (4 steps) may finish before the signal lands, a student has 12
+        # a student's last.pt: the teacher (4 steps) may finish before the signal lands, a student has STEPS
         if len(busy) == 2 and any((out / "runs" / run / "last.pt").is_file() for run in busy if run.startswith("tiny")):
             break
         time.sleep(0.05)
@@ -100,7 +102,8 @@ def test_runs_spread_over_two_slots_match_the_serial_order_and_resume_after_a_ki
     overlapping = [(a, b) for a in schedule for b in schedule if a["slot_no"] < b["slot_no"]
                    and a["started"] <= b["ended"] and b["started"] <= a["ended"]]
     assert overlapping, schedule  # the two slots trained at the same time
-    assert "tiny__logit-kd__steps12__cases4__seed0" not in {r["run"] for r in schedule[:2]}  # waited for its teacher
+    waited = f"tiny__logit-kd__steps{STEPS}__cases4__seed0" not in {r["run"] for r in schedule[:2]}
+    assert waited  # for its teacher
     for row in done:  # each run's log names its slot and process
         assert f"in slot {row['slot']} (pid {row['pid']})" in (out / "logs" / f"{row['run']}.log").read_text()
 
@@ -108,7 +111,7 @@ def test_runs_spread_over_two_slots_match_the_serial_order_and_resume_after_a_ki
     for name in ("results.csv", "summary.csv"):
         assert _without_timing(_rows(out / name)) == _without_timing(_rows(serial / name)), name
     assert _without_timing(_rows(out / "runs.csv")) == _without_timing(_rows(serial / "runs.csv"))
-    config = yaml.safe_load((out / "runs" / "tiny__logit-kd__steps12__cases4__seed0" / "config.yaml").read_text())
+    config = yaml.safe_load((out / "runs" / f"tiny__logit-kd__steps{STEPS}__cases4__seed0" / "config.yaml").read_text())
     assert config["train"]["accelerator"] == "cpu" and config["train"]["num_threads"] == 1
 
 
