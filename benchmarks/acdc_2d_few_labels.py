@@ -70,6 +70,8 @@ def ensemble_teacher(args) -> Path:
     tree["train"].update(max_time_min=None, max_steps=args.member_steps, val_every=args.member_steps // 4,
                          checkpoint_every=args.member_steps // 4)
     folder = args.out / "ensemble"
+    if (folder / "postprocessing.json").is_file():  # written after the last member: a finished set, reused as is
+        return folder                             # (e.g. linked from another --out, whose cache path differs)
     plan = make_plan("uniform", build_config(tree), members=args.ensemble)
     train_teacher_set(folder, plan, resume=(folder / "plan.json").is_file())
     return folder
@@ -146,7 +148,8 @@ def main() -> None:
                         "(default: --recipes)")
     parser.add_argument("--val-every", type=int, default=500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--recipes", nargs="+", default=["logit-kd"])
+    parser.add_argument("--recipes", nargs="*", default=["logit-kd"], help="recipes distilled from the own teacher "
+                        "(none given: only labels-only and the other teachers' rows)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench_runs/acdc_2d_few_labels"))
     args = parser.parse_args()

@@ -9,6 +9,7 @@ would have seen, whatever the number of loader workers, and DDP ranks never shar
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -206,13 +207,21 @@ def _worker_init(_: int) -> None:
     set_track_meta(False)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def make_train_loader(dataset: PatchDataset, batch_size: int, *, start_step: int = 0, rank: int = 0,
                       world_size: int = 1, num_workers: int = 2) -> DataLoader:
     """A loader that prefetches batches in ``num_workers`` processes while the model trains.
 
-    It has its own generator: creating its iterator draws a seed, which from the global torch RNG would
-    shift every later global draw of a resumed run (whose iterator starts at the resume step) by one.
+    At most one worker per core this process may run on (a run pinned to one core gets one worker: more
+    would only share that core, and torch warns about them). It has its own generator: creating its
+    iterator draws a seed, which from the global torch RNG would shift every later global draw of a resumed
+    run (whose iterator starts at the resume step) by one.
     """
+    num_workers = min(num_workers, usable_cores())
     sampler = StepSampler(batch_size, start_step, rank, world_size)
     return DataLoader(
         dataset,

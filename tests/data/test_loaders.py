@@ -79,6 +79,21 @@ def test_loader_with_workers_matches_in_process(cases_3d):
     assert torch.equal(with_workers["image"], in_process["image"])
 
 
+def test_a_run_pinned_to_one_core_gets_one_worker_and_no_torch_warning(cases_3d, monkeypatch):
+    import warnings
+
+    ds = PatchDataset(cases_3d, spatial_dims=2, patch_size=[32, 32], augment=AugmentConfig(), seed=1)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    loader = make_train_loader(ds, 3, start_step=4, num_workers=2)
+    assert loader.num_workers == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "will create 2 worker processes ... suggested max 1"
+        batches = iter(loader)
+    in_process = next(iter(make_train_loader(ds, 3, start_step=4, num_workers=0)))
+    assert torch.equal(next(batches)["image"], in_process["image"])
+    assert make_train_loader(ds, 3, num_workers=0).num_workers == 0
+
+
 def testcrop_or_pad():
     array = np.arange(12).reshape(1, 3, 4)
     out = crop_or_pad(array, [-1, 2], [3, 3])
