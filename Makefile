@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: here it resolves to the CPU wheel on local disk, so no CUDA build is pulled
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[train,test]'
 	# medkd[nnunet] (nnU-Net teachers) without its timm -> torchvision chain: torchvision from PyPI is broken beside
 	# the CPU torch wheel and breaks `import monai`; the U-Nets medkd builds need neither
 	$(PY) -m pip install --quiet --no-deps dynamic-network-architectures==0.4.4 einops

@@ -4,7 +4,9 @@ Expected failures (a bad dataset, config, ``--set`` or checkpoint; a file that i
 unreadable or unwritable; a full disk; a run folder that holds a run or is in use) print
 ``error: <message>`` on stderr and exit with code 1. A training run stopped by SIGTERM or SIGINT
 after writing its checkpoint exits with 128 + the signal's number (143, 130), as a shell reports
-a process ended by that signal. Anything else is a bug and keeps its traceback;
+a process ended by that signal. A command that needs a package of the ``train`` extra (torch, MONAI...)
+on an install without it (``pip install medkd`` holds only the bundle predictor's dependencies) names
+the package and the install line, exit code 1. Anything else is a bug and keeps its traceback;
 ``MEDKD_DEBUG=1`` shows the traceback of expected failures too.
 
 Files are written atomically (:mod:`medkd.storage`), so a failed write leaves the previous file, or
@@ -18,6 +20,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -35,18 +38,35 @@ _HINTS = {
 }
 
 
+#: medkd's own expected errors, as ``module:class``; a module never imported cannot have raised one, so only
+#: loaded modules are looked at (a torch-free install never loads the ones that import torch)
+_ERROR_CLASSES = ("medkd.config:ConfigError", "medkd.data.dataset:DatasetError", "medkd.data.io:ImageReadError",
+                  "medkd.engine.preemption:TrainingInterrupted", "medkd.models.taps:TapNotFoundError",
+                  "medkd.storage:CheckpointError", "yaml:YAMLError")
+
+#: top-level modules of the `train` extra (everything but the torch-free bundle predictor)
+TRAIN_MODULES = {"torch", "monai", "lightning_fabric", "matplotlib", "jinja2", "tensorboard", "onnx"}
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    import yaml
+    loaded = [getattr(sys.modules[module], name) for module, name in (spec.split(":") for spec in _ERROR_CLASSES)
+              if module in sys.modules]
+    return (*loaded, OSError, ValueError, FloatingPointError)
 
-    from medkd.config import ConfigError
-    from medkd.data.dataset import DatasetError
-    from medkd.data.io import ImageReadError
-    from medkd.engine.preemption import TrainingInterrupted
-    from medkd.models.taps import TapNotFoundError
-    from medkd.storage import CheckpointError
 
-    return (ConfigError, DatasetError, ImageReadError, CheckpointError, OSError, ValueError, FloatingPointError,
-            yaml.YAMLError, TapNotFoundError, TrainingInterrupted)
+class MissingExtraError(RuntimeError):
+    """A command needs a package of the ``train`` extra that this install lacks."""
+
+    exit_code = 1
+
+
+def missing_extra(err: ModuleNotFoundError, command: str) -> MissingExtraError | None:
+    """The error to report for ``err`` when it is a ``train``-extra package (None for anything else: a bug)."""
+    package = (err.name or "").split(".")[0]
+    if package not in TRAIN_MODULES:
+        return None
+    return MissingExtraError(f"`medkd {command}` needs {package}, which this install lacks: pip install 'medkd[train]' "
+                             "(a plain `pip install medkd` holds only what the bundle predictor needs)")
 
 
 def describe_os_error(err: OSError) -> str:
@@ -73,8 +93,10 @@ def exit_code(err: BaseException) -> int:
     return int(getattr(err, "exit_code", 1))
 
 
-def guard(func: Callable[..., Any], console: Console) -> Callable[..., Any]:
-    """``func`` that reports an expected error on ``console`` and exits (see the module doc)."""
+def guard(func: Callable[..., Any], console: Console, name: str | None = None) -> Callable[..., Any]:
+    """``func`` (the command ``name``) that reports an expected error on ``console`` and exits (see the module
+    doc); a missing package of the ``train`` extra is one of them."""
+    command = name or func.__name__.removesuffix("_cmd").replace("_", "-")
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -84,18 +106,27 @@ def guard(func: Callable[..., Any], console: Console) -> Callable[..., Any]:
                     for category in (FutureWarning, DeprecationWarning):
                         warnings.filterwarnings("ignore", category=category)
                 return func(*args, **kwargs)
+        except ModuleNotFoundError as err:
+            missing = missing_extra(err, command)
+            if missing is None or os.environ.get("MEDKD_DEBUG"):
+                raise
+            _report(missing, console)
         except _expected_errors() as err:
             if os.environ.get("MEDKD_DEBUG"):
                 raise
-            console.print(f"[bold red]error:[/] {escape(describe(err))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exit_code(err)) from None
+            _report(err, console)
 
     return wrapper
+
+
+def _report(err: BaseException, console: Console) -> None:
+    console.print(f"[bold red]error:[/] {escape(describe(err))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exit_code(err)) from None
 
 
 def guard_commands(app: typer.Typer, console: Console) -> None:
     """Wrap the callback of every command registered on ``app`` with :func:`guard` (call once)."""
     for command in app.registered_commands:
         if not getattr(command.callback, "medkd_guarded", False):
-            command.callback = guard(command.callback, console)
+            command.callback = guard(command.callback, console, command.name)
             command.callback.medkd_guarded = True

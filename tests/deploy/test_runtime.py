@@ -86,7 +86,7 @@ NO_TORCH = textwrap.dedent("""
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in ("torch", "monai", "lightning_fabric"):
                 attempts.append(name)
-                raise ImportError(f"{name} is blocked: the bundle predictor must not import it")
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked: as on a torch-free install)", name=name)
     sys.meta_path.insert(0, Refuse())
     from medkd.cli import app
     try:
@@ -101,12 +101,31 @@ NO_TORCH = textwrap.dedent("""
 
 def test_the_bundle_predictor_never_imports_torch(bundle_2d, phantoms_2d, tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-c", NO_TORCH, "predict", "--bundle", str(bundle_2d), "-i",
-                             str(phantoms_2d), "-o", str(out)], capture_output=True, text=True, cwd=REPO,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    result = _without_torch("predict", "--bundle", str(bundle_2d), "-i", str(phantoms_2d), "-o", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ATTEMPTS [] LOADED []" in result.stdout
     assert len(list(out.glob("*.png"))) == 2
+
+
+def _without_torch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+
+
+def test_a_torch_free_install_reports_a_damaged_bundle_without_importing_torch(bundle_2d, phantoms_2d, tmp_path):
+    bundle = _copy(bundle_2d, tmp_path / "bundle")
+    (bundle / "model.onnx").unlink()
+    result = _without_torch("predict", "--bundle", str(bundle), "-i", str(phantoms_2d), "-o", str(tmp_path / "out"))
+    assert result.returncode == 1 and "model.onnx: missing from the bundle" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "ATTEMPTS [] LOADED []" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_torch_free_install_names_the_extra_a_training_command_needs(phantoms_2d, tmp_path):
+    result = _without_torch("train", "--dataset", str(phantoms_2d), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "`medkd train` needs torch" in result.stderr and "pip install 'medkd[train]'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
 def _copy(bundle: Path, to: Path) -> Path:
