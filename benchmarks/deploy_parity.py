@@ -11,11 +11,11 @@ the same run instead (``OUT/bundle_int8``, calibrated on the run's own training 
 ``OUT/fp32`` and ``OUT/int8``): the Dice change of quantization (issue 11: <= 0.5 Dice points).
 
     taskset -c 0 env OMP_NUM_THREADS=1 python benchmarks/deploy_parity.py \\
-        --run /work/bench/student/ --dataset ../shared/data/ACDC/Dataset027_ACDC --out bench_runs/deploy_parity
+        --run /work/bench/student/ --dataset ../shared/data/ACDC --out bench_runs/deploy_parity
     taskset -c 0 env OMP_NUM_THREADS=1 python benchmarks/deploy_parity.py --quantize int8 \\
-        --run /work/bench/student/ --dataset ../shared/data/ACDC/Dataset027_ACDC --out bench_runs/deploy_int8
+        --run /work/bench/student/ --dataset ../shared/data/ACDC --out bench_runs/deploy_int8
 
-Not a test: two full predictions of the test set (minutes for ACDC's 50 volumes on one core).
+Not a test: two full predictions of the test set (minutes for ACDC's 40 test volumes on one core).
 """
 
 from __future__ import annotations

@@ -32,13 +32,14 @@ serve the torch-free bundle predictor (:mod:`medkd.deploy.runtime`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 CHECKPOINT_FORMAT = "medkd-checkpoint-v1"
 TEMP_PREFIX = ".tmp_"
@@ -164,6 +165,29 @@ class _RecordingWriter(io.RawIOBase):
         except OSError as err:
             self.error = err
             raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, on_wait: Callable[[], Any] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block; another process
+    holding it makes this one wait (``on_wait()`` is called once first, e.g. to say so). The kernel drops the
+    lock when its holder ends, however it ends. Where ``fcntl`` does not exist (Windows), no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on the project's platforms
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

@@ -23,6 +23,9 @@ set (checkpoint bytes), the preprocessing plan and the target specification, so 
 or preprocessing gives a new key (old folders stay until deleted). Each case's sidecar records the
 CRC-32 and size of its files and the source files of the preprocessed case; a missing, partial
 (no sidecar) or corrupted (size or CRC mismatch) entry is recomputed with a warning, never used.
+Filling holds an exclusive lock on ``.fill.lock`` in the folder: a second process that needs the same
+entries (two slots of a study distilling from one teacher) waits for the first and computes only what
+is still missing, instead of computing every case twice.
 """
 
 from __future__ import annotations
@@ -42,12 +45,13 @@ from torch import nn
 
 from medkd.data.preprocess import PreprocessedCase, PreprocessingPlan, default_cache_root
 from medkd.losses.supervised import full_resolution_head
-from medkd.storage import atomic_write_numpy, atomic_write_text, file_problem, file_record
+from medkd.storage import atomic_write_numpy, atomic_write_text, exclusive_lock, file_problem, file_record
 from medkd.teachers.combine import COMBINATION_RULES, target_logits
 from medkd.teachers.manifest import TeacherSet
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "medkd-teacher-cache-v2"  # v2: 2D targets from the sliding window, not whole slices
+FILL_LOCK = ".fill.lock"
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,43 @@ class TeacherOutputCache:
                    "source": case.properties.get("source"), "files": record}
         atomic_write_text(self._sidecar(case.case_id), json.dumps(sidecar))  # last: marks the entry complete
 
+    def _missing(self, cases: Sequence[PreprocessedCase], warn: bool = False) -> list[PreprocessedCase]:
+        """The cases whose entry is missing, partial, stale or corrupted (a warning for a damaged one if ``warn``)."""
+        todo = []
+        for case in cases:
+            why = self.problem(case)
+            if why is None:
+                continue
+            if warn and (self._sidecar(case.case_id).is_file()
+                         or any(p.is_file() for p in self._files(case.case_id).values())):
+                log.warning("teacher cache %s: case %s %s; recomputing", self.folder, case.case_id, why)
+            todo.append(case)
+        return todo
+
+    def _compute(self, todo: Sequence[PreprocessedCase], networks: Sequence[nn.Module], *, mode: str,
+                 device: str | torch.device, member_outputs: Callable[[PreprocessedCase], torch.Tensor] | None,
+                 progress: bool) -> None:
+        """Compute and write the entries of ``todo`` (see :meth:`ensure`)."""
+        if not todo:
+            return
+        device = torch.device(device)
+        for network in networks:
+            network.to(device).eval()
+        log.info("teacher cache: computing %d case(s) with %d teacher(s)", len(todo), len(networks))
+        if progress:
+            from tqdm.auto import tqdm
+
+            todo = tqdm(todo, desc=f"teacher-output cache: {len(networks)} teacher(s) predict {len(todo)} case(s)",
+                        unit="case", mininterval=1.0)
+        for case in todo:
+            if member_outputs is not None:
+                target = target_logits(self.spec.rule, member_outputs(case)[:, None], self.spec.temperature,
+                                       **self.spec.options())[0].contiguous()
+            else:
+                target = case_target(networks, case.load_image(), self.spec, mode=mode,
+                                     patch_size=self.patch_size, device=device)
+            self._write(case, target)
+
     def ensure(self, cases: Sequence[PreprocessedCase], networks: Sequence[nn.Module], *, mode: str,
                in_channels: int, device: str | torch.device = "cpu",
                member_outputs: Callable[[PreprocessedCase], torch.Tensor] | None = None,
@@ -228,31 +269,13 @@ class TeacherOutputCache:
         returns the members' logits ``(M, K, z, y, x)`` on the case's grid (teachers that preprocess
         differently, :class:`medkd.engine.teacher_grid.MappedTeacherOutputs`), combined by the spec's rule.
         """
-        todo = []
-        for case in cases:
-            why = self.problem(case)
-            if why is not None:
-                if self._sidecar(case.case_id).is_file() or any(p.is_file() for p in self._files(case.case_id).values()):
-                    log.warning("teacher cache %s: case %s %s; recomputing", self.folder, case.case_id, why)
-                todo.append(case)
+        todo = self._missing(cases, warn=True)
+        if todo:  # another process filling this cache (a study's other slot): wait, then keep what it wrote
+            with exclusive_lock(self.folder / FILL_LOCK, on_wait=lambda: log.warning(
+                    "teacher cache %s: another process is filling it; waiting for it", self.folder)):
+                todo = self._missing(todo)
+                self._compute(todo, networks, mode=mode, device=device, member_outputs=member_outputs,
+                              progress=progress)
         self.rebuilt = [case.case_id for case in todo]
-        if todo:
-            device = torch.device(device)
-            for network in networks:
-                network.to(device).eval()
-            log.info("teacher cache: computing %d of %d cases with %d teacher(s)", len(todo), len(cases), len(networks))
-            if progress:
-                from tqdm.auto import tqdm
-
-                todo = tqdm(todo, desc=f"teacher-output cache: {len(networks)} teacher(s) predict {len(todo)} case(s)",
-                            unit="case", mininterval=1.0)
-            for case in todo:
-                if member_outputs is not None:
-                    target = target_logits(self.spec.rule, member_outputs(case)[:, None], self.spec.temperature,
-                                           **self.spec.options())[0].contiguous()
-                else:
-                    target = case_target(networks, case.load_image(), self.spec, mode=mode,
-                                         patch_size=self.patch_size, device=device)
-                self._write(case, target)
         return [CachedTarget(self._files(case.case_id), self.num_classes) for case in cases]
 

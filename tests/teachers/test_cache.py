@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ from medkd.engine.data_setup import prepare_training_data
 from medkd.engine.distill import Distiller, distill_task_factory
 from medkd.engine.trainer import train
 from medkd.recipes import load_recipe, recipe_from_dict
-from medkd.teachers.cache import TargetSpec, TeacherOutputCache, decode_top_k, encode_top_k
+from medkd.storage import exclusive_lock
+from medkd.teachers.cache import FILL_LOCK, TargetSpec, TeacherOutputCache, decode_top_k, encode_top_k
 from medkd.teachers.combine import target_logits
 from medkd.teachers.manifest import TeacherMember, TeacherSet, load_frozen, open_teachers
 
@@ -118,6 +121,26 @@ def test_cache_is_reused_then_rebuilt_when_the_teacher_changes(teachers):
     assert len(other.rebuilt) == len(data.train)
     live = _live_slice_logits(net1, data.train[0].load_image()).numpy()
     np.testing.assert_allclose(targets[0].full(), live, rtol=1e-3, atol=2e-3)
+
+
+def test_a_second_filler_waits_for_the_first_and_computes_only_what_is_missing(teachers, caplog):
+    """Two slots of a study distilling from one teacher: the second waits for the first's entries."""
+    paths, data, root = teachers
+    net0, _ = load_frozen(paths[0])
+    first, second = (_cache(open_teachers(paths[0]), data, root / "c_lock") for _ in range(2))
+    done = []
+    with caplog.at_level(logging.WARNING), exclusive_lock(first.folder / FILL_LOCK):  # the first filler
+        waiter = threading.Thread(target=lambda: done.append(second.ensure(data.train, [net0], mode="2d",
+                                                                           in_channels=1, progress=False)))
+        waiter.start()
+        deadline = time.monotonic() + 60
+        while "another process is filling it" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert waiter.is_alive() and not done, caplog.text  # blocked on the lock
+        first._compute(data.train[:-1], [net0], mode="2d", device="cpu", member_outputs=None, progress=False)
+    waiter.join(timeout=60)
+    assert len(done) == 1 and second.rebuilt == [data.train[-1].case_id]  # only what the first left
+    assert all(second.problem(case) is None for case in data.train)
 
 
 @pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "no_sidecar"])
