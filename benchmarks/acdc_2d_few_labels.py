@@ -10,8 +10,9 @@ Rows (each student row: ``--seeds`` seeds, the same number of optimiser steps):
 * each ``--recipes`` entry: the same student distilled from that teacher; the supervised term sees only
   labelled samples, the distillation terms every sample; ``data.unlabeled_ratio`` of each batch comes
   from the unlabelled cases; teacher outputs are cached for all training cases;
-* with ``--full-teacher BEST_PT``: the same recipes from a teacher trained on *all* labels (as when a user
-  distils another site's model), reported as separate rows (their gap closed is to that teacher);
+* with ``--full-teacher BEST_PT`` (or a teacher set folder, such as an imported nnU-Net model): the same
+  recipes from a teacher trained on *all* labels (as when a user distils another site's model or their own
+  nnU-Net), reported as separate rows (their gap closed is to that teacher);
 * with ``--ensemble N``: a uniform ensemble of ``N`` teachers (UNet at width ``--member-shrink``, seeds
   0..N-1, ``--member-steps`` each) trained on the same labelled cases, scored as one model (mean of the
   members' probabilities), and ``--ensemble-recipes`` distilled from it (cached ensemble outputs; gap
@@ -84,6 +85,16 @@ def ensemble_score(args, folder: Path) -> dict:
     return {**row, "steps": args.member_steps, "val_dice": float("nan")}
 
 
+def full_teacher_score(args) -> dict:
+    """``--full-teacher`` on the test cases: a run's best.pt (scored with its run folder) or a teacher set folder
+    (e.g. made by `medkd import-nnunet`; steps 0: trained elsewhere)."""
+    if args.full_teacher.is_file():
+        return scored(args.data, args.out, "teacher_full", args.full_teacher.parent, None)
+    row = test_scores("teacher_full", load_predictor(args.full_teacher), args.data, args.out,
+                      reuse_after=newest_input(args.full_teacher / "teachers.json"))
+    return {**row, "steps": 0, "val_dice": float("nan")}
+
+
 def student_tree(args, seed: int, teacher: Path | None, recipe: str | None, minutes: float | None = None) -> dict:
     """The student (UNet width t=``--shrink``); ``--steps`` steps, or ``minutes`` of wall-clock when given."""
     tree = run_config(args.data, "student", None, args.out / "cache", seed)
@@ -130,7 +141,8 @@ def main() -> None:
     parser.add_argument("--unlabeled-ratio", type=float, default=0.5)
     parser.add_argument("--teacher-minutes", type=float, default=12.0)
     parser.add_argument("--teacher-steps", type=int, default=None, help="step budget (the first budget reached ends)")
-    parser.add_argument("--full-teacher", type=Path, default=None, help="best.pt of a teacher trained on all labels")
+    parser.add_argument("--full-teacher", type=Path, default=None, help="best.pt of a teacher trained on all labels, "
+                        "or a teacher set folder (e.g. an nnU-Net model imported with `medkd import-nnunet`)")
     parser.add_argument("--full-teacher-recipes", nargs="+", default=None, help="recipes distilled from the "
                         "full teacher (default: --recipes)")
     parser.add_argument("--full-teacher-seeds", type=int, nargs="+", default=None, help="default: --seeds")
@@ -158,7 +170,7 @@ def main() -> None:
     teachers = {own: args.out / "teacher" / "best.pt"}
     if args.full_teacher:
         teachers["teacher 100%"] = args.full_teacher
-        scores["teacher 100%"] = scored(args.data, args.out, "teacher_full", args.full_teacher.parent, None)
+        scores["teacher 100%"] = full_teacher_score(args)
     if args.ensemble:
         teachers["ensemble"] = ensemble_teacher(args)
         scores["ensemble"] = ensemble_score(args, teachers["ensemble"])

@@ -62,8 +62,26 @@ def plan_and_preprocess(work: Path, env: dict[str, str]) -> None:
     shutil.copyfile(ACDC / "splits_final.json", work / "preprocessed" / DATASET / "splits_final.json")
 
 
-def train(work: Path, epochs: int, iterations: int, batch_size: int) -> tuple[Path, bool]:
-    """Fold 0 of the 2d configuration with nnU-Net's trainer, shortened; returns the results folder and
+def add_narrow_configuration(work: Path, divisor: int, batch_size: int) -> str:
+    """The configuration to train: ``2d``, or for ``divisor`` > 1 a ``2d_w<divisor>`` configuration added to
+    nnUNetPlans.json that inherits everything from ``2d`` (preprocessed data, patch, stages, strides) but
+    divides the features per stage by ``divisor`` and sets ``batch_size``: nnU-Net's network at a width a
+    CPU can train, described in nnU-Net's own plans format (``inherits_from``)."""
+    if divisor == 1:
+        return "2d"
+    path = work / "preprocessed" / DATASET / "nnUNetPlans.json"
+    plans = json.loads(path.read_text())
+    name = f"2d_w{divisor}"
+    architecture = json.loads(json.dumps(plans["configurations"]["2d"]["architecture"]))
+    kwargs = architecture["arch_kwargs"]
+    kwargs["features_per_stage"] = [max(4, f // divisor) for f in kwargs["features_per_stage"]]
+    plans["configurations"][name] = {"inherits_from": "2d", "architecture": architecture, "batch_size": batch_size}
+    path.write_text(json.dumps(plans, indent=1))
+    return name
+
+
+def train(work: Path, configuration: str, epochs: int, iterations: int, batch_size: int) -> tuple[Path, bool]:
+    """Fold 0 of ``configuration`` with nnU-Net's trainer, shortened; returns the results folder and
     whether it trained now (a fold already trained under ``--work`` is reused)."""
     import torch
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
@@ -77,7 +95,7 @@ def train(work: Path, epochs: int, iterations: int, batch_size: int) -> tuple[Pa
         def _set_batch_size_and_oversample(self):
             self.batch_size = batch_size
 
-    folder = work / "results" / DATASET / "nnUNetTrainer__nnUNetPlans__2d"
+    folder = work / "results" / DATASET / f"nnUNetTrainer__nnUNetPlans__{configuration}"
     if (folder / "fold_0" / "checkpoint_final.pth").is_file():
         return folder, False
     torch.set_num_threads(1)
@@ -85,7 +103,7 @@ def train(work: Path, epochs: int, iterations: int, batch_size: int) -> tuple[Pa
     preprocessed = work / "preprocessed" / DATASET
     plans = {**json.loads((preprocessed / "nnUNetPlans.json").read_text()), "continue_training": False}
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
-    trainer = nnUNetTrainer(plans=plans, configuration="2d", fold=0, dataset_json=dataset_json,
+    trainer = nnUNetTrainer(plans=plans, configuration=configuration, fold=0, dataset_json=dataset_json,
                             device=torch.device("cpu"))
     trainer.run_training()
     return folder, True
@@ -122,6 +140,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--width-divisor", type=int, default=1, help="train nnU-Net's 2d network with its "
+                        "features per stage divided by this (a configuration 2d_w<D> added to the plans; 1: 2d)")
     parser.add_argument("--test-cases", type=int, default=10, help="first N test volumes (0: all 40)")
     parser.add_argument("--tta", action="store_true", help="mirroring TTA in both predictors")
     args = parser.parse_args()
@@ -132,7 +152,8 @@ def main() -> None:
     bindir = Path(sys.executable).parent
     plan_and_preprocess(work, env)
     start = time.time()
-    results, trained = train(work, args.epochs, args.iterations, args.batch_size)
+    configuration = add_narrow_configuration(work, args.width_divisor, args.batch_size)
+    results, trained = train(work, configuration, args.epochs, args.iterations, args.batch_size)
     train_s = time.time() - start if trained else None
     images = sorted((ACDC / "imagesTs").glob("*_0000.nii.gz"))
     images = images[: args.test_cases] if args.test_cases else images
@@ -146,18 +167,19 @@ def main() -> None:
         shutil.rmtree(work / out, ignore_errors=True)
     tta = [] if args.tta else ["--disable_tta"]
     nnunet_s = _run([str(bindir / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(work / "pred_nnunet"), "-d", "27",
-                     "-c", "2d", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--save_probabilities", *tta], env)
+                     "-c", configuration, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--save_probabilities", *tta], env)
     medkd = [sys.executable, "-m", "medkd"]
-    import_s = _run([*medkd, "import-nnunet", str(results), "--configuration", "2d", "--folds", "0",
+    import_s = _run([*medkd, "import-nnunet", str(results), "--configuration", configuration, "--folds", "0",
                      "-o", str(work / "teachers")], env)
     medkd_s = _run([*medkd, "predict", "--checkpoint", str(work / "teachers"), "-i", str(inputs), "-o",
                     str(work / "pred_medkd"), "--save-probabilities", *(["--tta"] if args.tta else [])], env)
     summary = compare(cases, work / "pred_nnunet", work / "pred_medkd")
     summary.update(train_s=train_s, nnunet_predict_s=nnunet_s, import_s=import_s, medkd_predict_s=medkd_s,
-                   epochs=args.epochs, iterations=args.iterations, batch_size=args.batch_size, tta=args.tta)
+                   epochs=args.epochs, iterations=args.iterations, batch_size=args.batch_size, tta=args.tta,
+                   configuration=configuration)
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     trained_for = f"{train_s / 60:.1f} min" if trained else "trained by an earlier run, reused"
-    print(f"\nnnU-Net 2d fold 0, {args.epochs} x {args.iterations} steps of batch {args.batch_size} "
+    print(f"\nnnU-Net {configuration} fold 0, {args.epochs} x {args.iterations} steps of batch {args.batch_size} "
           f"({trained_for}); {summary['cases']} ACDC test volumes; TTA {'on' if args.tta else 'off'}")
     print("| predictor | Dice RV | Dice MYO | Dice LV | mean Dice | seconds |")
     print("|---|---:|---:|---:|---:|---:|")
