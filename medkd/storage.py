@@ -84,13 +84,15 @@ def _naming(err: OSError, path: Path) -> OSError:
     return OSError(err.errno, err.strerror or str(err), str(path))
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A temporary file beside ``path``, open for writing; fsynced and renamed over ``path`` when the block
+    ends without error. A failed write raises :class:`OSError` naming ``path``; the temporary file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path_beside(path)
     try:
         with open(tmp, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -101,6 +103,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise named from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with _atomic_file(Path(path)) as handle:
+        handle.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -199,27 +206,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     import torch  # lazily: the rest of this module serves torch-free code too
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path_beside(path)
-    try:
-        with open(tmp, "wb") as handle:
-            writer = _RecordingWriter(handle)
-            try:
-                torch.save({"format": CHECKPOINT_FORMAT, **state}, writer)
-            except RuntimeError as err:
-                if writer.error is None:  # not a failed write
-                    raise
-                raise _naming(writer.error, path) from err
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        named = _naming(err, path)
-        if named is err:
-            raise
-        raise named from err
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _atomic_file(path) as handle:
+        writer = _RecordingWriter(handle)
+        try:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, writer)
+        except RuntimeError as err:
+            if writer.error is None:  # not a failed write
+                raise
+            raise _naming(writer.error, path) from err
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
