@@ -5,7 +5,10 @@ Steps (everything under ``--work``; run it pinned to one core, e.g. ``taskset -c
 1. ``nnUNetv2_plan_and_preprocess`` of ACDC (``../shared/data/ACDC``, nnU-Net raw format, linked as
    ``Dataset027_ACDC``), 2d configuration only; the dataset's ``splits_final.json`` is used for fold 0;
 2. a short nnU-Net training of fold 0 on the CPU (nnU-Net's own trainer, network and augmentation, with
-   ``--epochs`` x ``--iterations`` steps of batch ``--batch-size``: far from a converged nnU-Net);
+   ``--epochs`` x ``--iterations`` steps of batch ``--batch-size``: far from a converged nnU-Net); with
+   ``--width-divisor D`` the network is nnU-Net's 2d one at 1/D of its features per stage (a ``2d_w<D>``
+   configuration that inherits the rest from ``2d`` in nnU-Net's own plans file), so that a CPU can train
+   it to a usable teacher;
 3. ``nnUNetv2_predict`` on ``--test-cases`` test volumes (no TTA unless ``--tta``);
 4. ``medkd import-nnunet`` and ``medkd predict`` of the same volumes with the imported teacher;
 5. a table: per case Dice of each against the reference labels, and Dice of medkd's segmentation against
