@@ -1,6 +1,6 @@
 """Integrity of the preprocessing cache: records written with each cached array, checks before reuse.
 
-A cached case (:class:`medkd.data.preprocess.PreprocessedStore`) is memory-mapped by every later run,
+A cached case (:class:`medkd.data.store.PreprocessedStore`) is memory-mapped by every later run,
 so a damaged file would otherwise be used silently (a partly overwritten ``_img.npy``), fail every run
 with numpy's ``mmap length is greater than file size`` (a truncated one), or surface much later as
 NaN logits or an unknown label naming neither case nor cache. Therefore:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from medkd.config import ConfigError, DataConfig
 from medkd.data.dataset import Case, DatasetInfo, image_folder_cases, load_dataset
-from medkd.data.preprocess import PreprocessedCase, PreprocessedStore, PreprocessingPlan, make_plan
+from medkd.data.preprocess import PreprocessedCase, PreprocessingPlan, make_plan
+from medkd.data.store import PreprocessedStore
 from medkd.data.splits import get_split, labeled_subset, subset_cases
 from medkd.data.validate import Problem, check_dataset, check_image_folder, errors
 

@@ -16,7 +16,8 @@ from torch import nn
 from medkd.config import ConfigError, RunConfig, load_config
 from medkd.data.dataset import load_dataset
 from medkd.data.io import read_image
-from medkd.data.preprocess import PreprocessedCase, PreprocessedStore, PreprocessingPlan
+from medkd.data.preprocess import PreprocessedCase, PreprocessingPlan
+from medkd.data.store import PreprocessedStore
 from medkd.engine.data_setup import split_case_ids
 from medkd.engine.ensemble import EnsemblePredictor, set_postprocessing_path
 from medkd.engine.inference import Predictor, predict_probabilities, segmentation

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from medkd.data.preprocess import PreprocessedCase, PreprocessingPlan, default_cache_root
+from medkd.data.preprocess import PreprocessedCase, PreprocessingPlan
+from medkd.data.store import default_cache_root
 from medkd.losses.supervised import full_resolution_head
 from medkd.storage import atomic_write_numpy, atomic_write_text, exclusive_lock, file_problem, file_record
 from medkd.teachers.combine import COMBINATION_RULES, target_logits

@@ -20,7 +20,7 @@ from rich.table import Table
 from medkd.config import ConfigError
 from medkd.data.dataset import load_dataset
 from medkd.data.fingerprint import load_or_compute_fingerprint
-from medkd.data.preprocess import default_cache_root
+from medkd.data.store import default_cache_root
 from medkd.plans import Budget, plan_dataset
 from medkd.storage import atomic_write_text
 

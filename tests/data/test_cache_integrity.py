@@ -13,7 +13,8 @@ from medkd import storage
 from medkd.data import cache_integrity
 from medkd.data.dataset import DatasetError, load_dataset
 from medkd.data.io import read_image, write_image
-from medkd.data.preprocess import PreprocessedStore, make_plan
+from medkd.data.preprocess import make_plan
+from medkd.data.store import PreprocessedStore
 
 
 def _new_run() -> None:

@@ -7,7 +7,8 @@ import torch
 from medkd.config import AugmentConfig
 from medkd.data.dataset import load_dataset
 from medkd.data.loaders import PatchDataset, StepSampler, crop_or_pad, make_train_loader
-from medkd.data.preprocess import PreprocessedStore, make_plan
+from medkd.data.preprocess import make_plan
+from medkd.data.store import PreprocessedStore
 
 
 @pytest.fixture(scope="module")

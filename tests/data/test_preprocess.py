@@ -7,8 +7,8 @@ import pytest
 
 from medkd.data.dataset import load_dataset
 from medkd.data.io import Geometry
-from medkd.data.preprocess import (PreprocessedStore, PreprocessingPlan, make_plan, nonzero_bbox,
-                                   preprocess_arrays, restore_probabilities)
+from medkd.data.preprocess import PreprocessingPlan, make_plan, nonzero_bbox, preprocess_arrays, restore_probabilities
+from medkd.data.store import PreprocessedStore
 
 
 def _plan(mode="3d", **kw):
