@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medkd"
 
@@ -23,14 +22,6 @@ FLOORS = {
     "evaluation": 5, "deploy": 5,
     "workflows": 6,
     "cli": 7, "cli_errors": 7, "cli_plan": 7, "cli_nnunet": 7, "cli_study": 7, "__main__": 7,
-}
-
-#: (importing module, imported module) pairs that break the floor rule on purpose, each with its reason.
-ALLOWED_UPWARD = {
-    # The multi-task teacher's task subclasses engine's SupervisedTask (loss, forward, extra modules).
-    # The brief keeps multitask in medkd.teachers; moving multitask.py into engine/ (where the pipeline
-    # puts the multi-task teacher task) or SupervisedTask below teachers is a move of its own.
-    ("medkd.teachers.multitask", "medkd.engine.tasks"),
 }
 
 
@@ -86,14 +77,8 @@ def test_storage_imports_nothing_from_medkd():
 
 
 def test_a_lower_floor_never_imports_a_higher_one():
-    upward = [pair for pair in _upward_imports() if pair not in ALLOWED_UPWARD]
+    upward = sorted(_upward_imports())
     assert not upward, "upward imports:\n" + "\n".join(f"  {a} -> {b}" for a, b in upward)
-
-
-@pytest.mark.parametrize("pair", sorted(ALLOWED_UPWARD))
-def test_allowed_upward_imports_still_exist(pair):
-    """An allow-list entry whose import is gone must be removed (the list only shrinks)."""
-    assert pair in _upward_imports()
 
 
 def test_engine_checkpoint_is_gone():

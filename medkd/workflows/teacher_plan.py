@@ -8,7 +8,7 @@ Kinds of set (each member is an ordinary medkd training run):
 * ``subset``    - ``K`` members, each trained on its own disjoint part of the fold's training cases
   (``data.cases``): a seeded random partition into ``K`` nearly equal parts, or, with ``group_by``,
   whole groups of a case-metadata key (e.g. ``site``) assigned to ``K`` parts balancing case counts;
-* ``multitask`` - ``N`` uniform members, each a multi-task teacher (:mod:`medkd.teachers.multitask`).
+* ``multitask`` - ``N`` uniform members, each a multi-task teacher (:mod:`medkd.engine.multitask`).
 
 A plan is pure data (:class:`TeacherPlan`); :mod:`medkd.workflows.train_teachers` trains it.
 """
@@ -208,7 +208,7 @@ def make_plan(kind: str, base_config: RunConfig, *, members: int | None = None, 
               losses: list[str] | None = None, subsets: int | None = None, group_by: str | None = None,
               aux_weight: float | None = None, aux_tap: str | None = None) -> TeacherPlan:
     """A :class:`TeacherPlan` (subset plans read the dataset's split and case metadata)."""
-    from medkd.teachers.multitask import DEFAULT_AUX_WEIGHT, check_tap
+    from medkd.engine.multitask import DEFAULT_AUX_WEIGHT, check_tap
 
     if (aux_weight is not None or aux_tap is not None) and kind != "multitask":
         raise TeacherPlanError("--aux-weight and --aux-tap apply to --kind multitask only")

@@ -84,7 +84,7 @@ def _train_member(plan: TeacherPlan, member: MemberPlan, run_dir: Path, main: bo
         return
     kwargs: dict[str, Any] = {}
     if plan.kind == "multitask":
-        from medkd.teachers.multitask import multitask_task_factory
+        from medkd.engine.multitask import multitask_task_factory
 
         weight, tap = plan.options["aux_weight"], plan.options["aux_tap"]
         kwargs = {"task_factory": multitask_task_factory(aux_weight=weight, tap=tap),

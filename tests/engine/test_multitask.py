@@ -14,7 +14,7 @@ from medkd.models import create
 from medkd.models.taps import TapNotFoundError
 from medkd.storage import load_checkpoint
 from medkd.teachers.manifest import load_frozen, open_teachers
-from medkd.teachers.multitask import MultiTaskTask, ReconstructionHead, multitask_task_factory
+from medkd.engine.multitask import MultiTaskTask, ReconstructionHead, multitask_task_factory
 
 
 def _batch(dims: int = 2, size: int = 32) -> dict[str, torch.Tensor]:
