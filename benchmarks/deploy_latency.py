@@ -8,6 +8,8 @@ floor of a model is 2 x MACs / peak, where the peak is the fp32 matmul GFLOP/s m
 (PyTorch ``mm`` of n x n float32 at the same thread count, best of a few): "% floor" = floor / measured.
 The floor is an fp32 one for every engine: int8 (VNNI) can do more multiply-adds per cycle and pass 100%.
 Below the table, per student: its fastest deployed engine against the teacher (issue 11: <= 1/8).
+With ``--dims 3`` the same ladder of 3D UNets: ms per 32x64x64 patch (batch 1) and per 64x128x128 volume
+(its 27 sliding windows of overlap 0.5 in batches of 2: the network's time, without the blending).
 
 Peak memory: the process's peak resident set (Linux ``VmHWM``, reset by writing 5 to
 ``/proc/self/clear_refs`` before each measurement, freed heap returned by ``malloc_trim`` between
@@ -40,6 +42,7 @@ import logging
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,8 +64,24 @@ from medkd.models import count_macs, count_parameters, create
 from medkd.storage import save_checkpoint
 from medkd.workflows.export import export_bundle
 
-SLICE, SLICES, BATCH, CLASSES = (256, 224), 10, 8, 4
+CLASSES = 4
 Runner = Callable[[np.ndarray], Any]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One network input and what makes a volume: a 2D model runs a volume's slices, a 3D model its sliding
+    windows (overlap 0.5, as ``medkd predict``), ``batch`` inputs per call."""
+    dims: int
+    window: tuple[int, ...]
+    calls: int
+    batch: int
+    label: str
+    volume: str
+
+
+UNITS = {2: Unit(2, (256, 224), 10, 8, "256x224 slice", "10-slice volume"),
+         3: Unit(3, (32, 64, 64), 27, 2, "32x64x64 patch", "64x128x128 volume (27 windows of overlap 0.5)")}
 
 
 # ------------------------------------------------------------------------------ machine and memory
@@ -111,13 +130,13 @@ class PeakMemory:
 # ------------------------------------------------------------------------------ engines
 
 
-def onnx_models(model: torch.nn.Module, folder: Path, precisions: list[str]) -> dict[str, Path]:
-    """fp32 ONNX of ``model`` plus the int8 (calibrated on 4 random slices) and fp16 copies asked for."""
+def onnx_models(model: torch.nn.Module, folder: Path, precisions: list[str], unit: Unit) -> dict[str, Path]:
+    """fp32 ONNX of ``model`` plus the int8 (calibrated on 4 random inputs) and fp16 copies asked for."""
     paths = {"fp32": folder / "fp32.onnx"}
-    export_onnx(model, paths["fp32"], (1, 1, *SLICE), folder)
+    export_onnx(model, paths["fp32"], (1, 1, *unit.window), folder)
     if "int8" in precisions:
         generator = np.random.default_rng(0)
-        samples = [generator.standard_normal((1, 1, *SLICE), dtype=np.float32) for _ in range(4)]
+        samples = [generator.standard_normal((1, 1, *unit.window), dtype=np.float32) for _ in range(4)]
         paths["int8"] = folder / "int8.onnx"
         quantize_int8(paths["fp32"], paths["int8"], samples)
     if "fp16" in precisions:
@@ -142,39 +161,40 @@ def onnx_runner(path: Path, threads: int) -> Runner:
     return lambda x: session.run(None, {"image": x})
 
 
-def time_engine(make: Callable[[], Runner], repeats: int) -> dict[str, float | None]:
-    """Median ms per slice and per volume (slices in batches of :data:`BATCH`) and peak MB (session included)."""
+def time_engine(make: Callable[[], Runner], repeats: int, unit: Unit) -> dict[str, float | None]:
+    """Median ms per input and per volume (its inputs in batches of ``unit.batch``) and peak MB (session
+    included)."""
     generator = np.random.default_rng(1)
-    one = generator.standard_normal((1, 1, *SLICE), dtype=np.float32)
-    volume = generator.standard_normal((SLICES, 1, *SLICE), dtype=np.float32)
+    one = generator.standard_normal((1, 1, *unit.window), dtype=np.float32)
+    volume = generator.standard_normal((unit.calls, 1, *unit.window), dtype=np.float32)
     with PeakMemory() as memory:
         run = make()
         run(one)  # warm-up
-        slice_ms = statistics.median(_seconds(lambda: run(one)) for _ in range(repeats)) * 1000
+        input_ms = statistics.median(_seconds(lambda: run(one)) for _ in range(repeats)) * 1000
         volume_ms = statistics.median(
-            _seconds(lambda: [run(volume[i:i + BATCH]) for i in range(0, SLICES, BATCH)])
+            _seconds(lambda: [run(volume[i:i + unit.batch]) for i in range(0, unit.calls, unit.batch)])
             for _ in range(max(1, repeats // 2))) * 1000
-    return {"ms_slice": slice_ms, "ms_volume": volume_ms, "peak_mb": memory.mb}
+    return {"ms_input": input_ms, "ms_volume": volume_ms, "peak_mb": memory.mb}
 
 
 def bench_model(name: str, shrink: int, threads: list[int], precisions: list[str], peaks: dict[int, float],
-                repeats: int) -> list[dict[str, Any]]:
+                repeats: int, unit: Unit) -> list[dict[str, Any]]:
     """Every engine at every thread count for one UNet (random weights)."""
     torch.manual_seed(0)
-    model = create("unet", 2, 1, CLASSES, preset="teacher" if shrink == 0 else "student", shrink=shrink).eval()
-    macs = count_macs(model, (1, 1, *SLICE))
+    model = create("unet", unit.dims, 1, CLASSES, preset="teacher" if shrink == 0 else "student", shrink=shrink).eval()
+    macs = count_macs(model, (1, 1, *unit.window))
     rows = []
     with tempfile.TemporaryDirectory(prefix="medkd_latency_") as tmp:
-        paths = onnx_models(model, Path(tmp), precisions)
+        paths = onnx_models(model, Path(tmp), precisions, unit)
         engines: dict[str, Callable[[int], Runner]] = {"pytorch": lambda t: pytorch_runner(model, t)}
         engines.update({f"ort {p}": (lambda t, p=p: onnx_runner(paths[p], t)) for p in paths})
         for engine, factory in engines.items():
             for t in threads:
-                timing = time_engine(lambda: factory(t), repeats)
+                timing = time_engine(lambda: factory(t), repeats, unit)
                 floor_ms = 2 * macs / (peaks[t] * 1e9) * 1000
                 rows.append({"model": name, "shrink": shrink, "params": count_parameters(model), "gmacs": macs / 1e9,
                              "engine": engine, "threads": t, **timing, "floor_ms": floor_ms,
-                             "floor_fraction": floor_ms / timing["ms_slice"]})
+                             "floor_fraction": floor_ms / timing["ms_input"]})
     return rows
 
 
@@ -197,7 +217,7 @@ def student_bundle(folder: Path, run: Path | None) -> Path:
 def synthetic_case(path: Path) -> Path:
     """A 10x256x224 int16 volume (smooth blobs on a dark field, 1.5625 x 1.5625 x 10 mm) like an ACDC frame."""
     generator = np.random.default_rng(2)
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, s) for s in (SLICES, *SLICE)], indexing="ij")
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, s) for s in (UNITS[2].calls, *UNITS[2].window)], indexing="ij")
     body = np.exp(-(y ** 2 + x ** 2) / 0.3) * 600 + np.exp(-((y - 0.1) ** 2 + x ** 2) / 0.02) * 400 * (1 - z ** 2)
     array = (body + generator.normal(0, 20, body.shape)).clip(0).astype(np.int16)
     image = sitk.GetImageFromArray(array)
@@ -243,21 +263,21 @@ def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
 # ------------------------------------------------------------------------------ report
 
 
-def latency_table(rows: list[dict[str, Any]], peaks: dict[int, float]) -> Table:
+def latency_table(rows: list[dict[str, Any]], peaks: dict[int, float], unit: Unit) -> Table:
     peak_text = ", ".join(f"{t} thread(s) {g:.0f}" for t, g in peaks.items())
-    table = Table(title=f"ms per {SLICE[0]}x{SLICE[1]} slice and per {SLICES}-slice volume; fp32 matmul peak "
+    table = Table(title=f"{unit.dims}D: ms per {unit.label} and per {unit.volume}; fp32 matmul peak "
                         f"GFLOP/s: {peak_text}")
-    for column in ("model", "params", "GMACs/slice", "engine", "thr", "ms/slice", "ms/volume", "peak MB",
+    for column in ("model", "params", "GMACs/input", "engine", "thr", "ms/input", "ms/volume", "peak MB",
                    "floor ms", "% floor", "vs PyTorch", "vs ort fp32"):
         table.add_column(column, justify="left" if column in ("model", "engine") else "right")
-    reference = {(r["model"], r["threads"]): r["ms_slice"] for r in rows if r["engine"] == "pytorch"}
-    onnx_fp32 = {(r["model"], r["threads"]): r["ms_slice"] for r in rows if r["engine"] == "ort fp32"}
+    reference = {(r["model"], r["threads"]): r["ms_input"] for r in rows if r["engine"] == "pytorch"}
+    onnx_fp32 = {(r["model"], r["threads"]): r["ms_input"] for r in rows if r["engine"] == "ort fp32"}
     for r in rows:
         memory = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         table.add_row(r["model"], f"{r['params']:,}", f"{r['gmacs']:.2f}", r["engine"], str(r["threads"]),
-                      f"{r['ms_slice']:.1f}", f"{r['ms_volume']:.0f}", memory, f"{r['floor_ms']:.2f}",
-                      f"{100 * r['floor_fraction']:.1f}", f"{reference[r['model'], r['threads']] / r['ms_slice']:.2f}x",
-                      f"{onnx_fp32[r['model'], r['threads']] / r['ms_slice']:.2f}x")
+                      f"{r['ms_input']:.1f}", f"{r['ms_volume']:.0f}", memory, f"{r['floor_ms']:.2f}",
+                      f"{100 * r['floor_fraction']:.1f}", f"{reference[r['model'], r['threads']] / r['ms_input']:.2f}x",
+                      f"{onnx_fp32[r['model'], r['threads']] / r['ms_input']:.2f}x")
     return table
 
 
@@ -265,16 +285,16 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     """Issue 11's target per student and thread count: deployed latency at most 1/8 of the teacher's."""
     lines = []
     for t in sorted({r["threads"] for r in rows}):
-        teacher = {r["engine"]: r["ms_slice"] for r in rows if r["model"] == "teacher" and r["threads"] == t}
+        teacher = {r["engine"]: r["ms_input"] for r in rows if r["model"] == "teacher" and r["threads"] == t}
         if not teacher:
             continue
         best_teacher = min(ms for engine, ms in teacher.items() if engine != "pytorch")
         for student in dict.fromkeys(r["model"] for r in rows if r["model"] != "teacher"):
             deployed = [r for r in rows if r["model"] == student and r["threads"] == t and r["engine"] != "pytorch"]
-            best = min(deployed, key=lambda r: r["ms_slice"])
-            lines.append(f"{t} thread(s), {student}: deployed ({best['engine']}) {best['ms_slice']:.1f} ms/slice = "
-                         f"1/{teacher['pytorch'] / best['ms_slice']:.1f} of the PyTorch teacher, "
-                         f"1/{best_teacher / best['ms_slice']:.1f} of the best deployed teacher (target <= 1/8)")
+            best = min(deployed, key=lambda r: r["ms_input"])
+            lines.append(f"{t} thread(s), {student}: deployed ({best['engine']}) {best['ms_input']:.1f} ms/input = "
+                         f"1/{teacher['pytorch'] / best['ms_input']:.1f} of the PyTorch teacher, "
+                         f"1/{best_teacher / best['ms_input']:.1f} of the best deployed teacher (target <= 1/8)")
     return lines
 
 
@@ -298,7 +318,9 @@ def main() -> None:
     parser.add_argument("--shrink", type=int, nargs="+", default=[2, 3, 4, 5, 6], help="student widths (2**-t)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--precisions", nargs="+", default=["int8", "fp16"], choices=["int8", "fp16"])
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per slice (half as many per volume)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per input (half as many per volume)")
+    parser.add_argument("--dims", type=int, default=2, choices=[2, 3], help="2D UNets on slices, or 3D UNets on "
+                        "patches (3D: no student pipeline, which is the 2D student's)")
     parser.add_argument("--no-teacher", action="store_true", help="leave the teacher out")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the student pipeline")
     parser.add_argument("--run", type=Path, help="pipeline: this run folder or checkpoint instead of a random student")
@@ -309,17 +331,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.shrink, args.threads, args.repeats, args.no_teacher = [5], [1], 1, True
+    unit = UNITS[args.dims]
     logging.getLogger().setLevel(logging.ERROR)
     console = Console(width=200)
     peaks = {t: matmul_peak(t, n=512 if args.quick else 2048) for t in args.threads}
     ladder = ([] if args.no_teacher else [("teacher", 0)]) + [(f"shrink {t}", t) for t in args.shrink]
     rows = [row for name, shrink in ladder for row in bench_model(name, shrink, args.threads, args.precisions, peaks,
-                                                                   args.repeats)]
-    console.print(latency_table(rows, peaks))
+                                                                   args.repeats, unit)]
+    console.print(latency_table(rows, peaks, unit))
     for line in ratios(rows):
         console.print(line)
-    report: dict[str, Any] = {"matmul_peak_gflops": peaks, "rows": rows}
-    if not args.no_pipeline:
+    report: dict[str, Any] = {"matmul_peak_gflops": peaks, "unit": unit.label, "volume": unit.volume, "rows": rows}
+    if not args.no_pipeline and unit.dims == 2:
         with tempfile.TemporaryDirectory(prefix="medkd_pipeline_") as tmp:
             folder = Path(tmp)
             (folder / "out").mkdir()
