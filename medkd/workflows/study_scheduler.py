@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
-import threading
 from datetime import datetime, timezone
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 
 from rich.console import Console
 
-from medkd.engine.preemption import STOP_SIGNALS, TrainingInterrupted
+from medkd.engine.preemption import StopSignals, TrainingInterrupted
 from medkd.evaluation.report import write_csv
 from medkd.workflows.experiment import PlannedRun, run_status
 from medkd.workflows.study import LABELS_ONLY, Study
@@ -64,24 +63,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-class _StopRequest:
-    """Within ``with``: SIGINT/SIGTERM only record :attr:`signum` (main thread only; old handlers restored)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
+class _StopRequest(StopSignals):
+    """Within ``with``: SIGINT/SIGTERM only record :attr:`signum`, however often they come (a second signal
+    does not raise as in :class:`StopSignals`: the scheduler stops every slot in order either way)."""
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = self.signum or signum
-
-    def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 class _Scheduler:
