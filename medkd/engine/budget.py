@@ -9,11 +9,13 @@ windows (:func:`inference_windows`, MONAI's grid at overlap 0.5) times the measu
 corrected by the ratio of measured to estimated time of every validation the loop runs, plus two checkpoint
 writes, one more step (the next one must fit) and the process's exit. A resumed run adds this session's wall time to the
 ``elapsed_s`` of its checkpoint. What comes before the loop cannot be cut short: a budget smaller than
-start-up, preprocessing and the cache fill is overrun by what they take beyond it (the run trains one step).
+start-up, preprocessing and the cache fill is overrun by what they take beyond it (the run trains one step,
+and a warning says so, with a budget that would leave room to train).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -26,6 +28,8 @@ import torch
 from torch import nn
 
 from medkd.data.grid import window_starts
+
+log = logging.getLogger(__name__)
 
 SAFETY = 1.25  # the reserve covers 25% more than estimated before a validation has calibrated it
 EXIT_S = 5.0  # after result.json: loader workers, TensorBoard and the interpreter shut down
@@ -165,9 +169,18 @@ class TimeBudget:
         """Share of the loop's time used at ``elapsed`` seconds and ``step``; tracks the mean step time."""
         if self.first is None:
             self.first = (elapsed, step)
+            if elapsed >= self.loop_s:
+                self._warn_spent(elapsed)
         elif step > self.first[1]:
             self.step_s = (elapsed - self.first[0]) / (step - self.first[1])
         return elapsed / self.loop_s
+
+    def _warn_spent(self, elapsed: float) -> None:
+        total = elapsed + self.reserve_s
+        log.warning("the %.1f-minute budget was spent before training began (start-up, planning, preprocessing "
+                    "and the cache fill took %.0f s; the final validation and exit need about %.0f s more): the run "
+                    "trains one step and ends about %.0f s over it; give --max-time-min at least %.1f",
+                    self.max_time_s / 60, elapsed, self.reserve_s, total - self.max_time_s, total / 60 * 1.5)
 
     def validated(self, seconds: float) -> None:
         """Calibrate the estimate with a measured validation (of ``val_windows`` windows)."""

@@ -59,6 +59,20 @@ def test_reserve_is_calibrated_by_measured_validations():
     assert TimeBudget(100.0, 0, 0, 0.0, None, checkpoint_s=3.0).reserve_s == 6.0 + EXIT_S  # as estimated
 
 
+def test_a_budget_spent_before_training_says_so_once_with_a_budget_that_fits(caplog):
+    budget = TimeBudget(60.0, val_windows=10, final_windows=40, window_s=0.25)  # reserve 12.5 + EXIT_S
+    with caplog.at_level("WARNING", logger="medkd.engine.budget"):
+        budget.fraction(64.0, 0)  # start-up, planning, preprocessing and the cache fill took 64 s
+        budget.fraction(66.0, 1)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "1.0-minute budget was spent before training began" in message and "took 64 s" in message
+    assert "ends about 22 s over" in message and "--max-time-min at least 2.0" in message
+    caplog.clear()
+    TimeBudget(600.0, 10, 40, 0.25).fraction(64.0, 0)  # room left: nothing to say
+    assert not caplog.records
+
+
 def test_clock_reports_phases_and_the_rest():
     clock = PhaseClock(time.monotonic() - 1.0)
     with clock.phase("train"):
