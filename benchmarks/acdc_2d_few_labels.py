@@ -99,6 +99,8 @@ def student_tree(args, seed: int, teacher: Path | None, recipe: str | None, minu
     """The student (UNet width t=``--shrink``); ``--steps`` steps, or ``minutes`` of wall-clock when given."""
     tree = run_config(args.data, "student", None, args.out / "cache", seed)
     tree["model"]["shrink"] = args.shrink
+    if args.student_kwargs:
+        tree["model"]["kwargs"] = {**tree["model"].get("kwargs", {}), **args.student_kwargs}
     tree["data"]["augment"] = {"flip_prob": 0.0}
     tree["train"].update(max_time_min=minutes, max_steps=None if minutes else args.steps, val_every=args.val_every,
                          checkpoint_every=args.val_every, num_threads=args.threads, val_max_cases=None)
@@ -153,6 +155,8 @@ def main() -> None:
     parser.add_argument("--ensemble-recipes", nargs="+", default=None, help="recipes distilled from the ensemble "
                         "(default: --recipes)")
     parser.add_argument("--shrink", type=int, default=4, help="student UNet width reduction t (4: 26,609 parameters)")
+    parser.add_argument("--student-kwargs", type=json.loads, default=None, help="JSON of extra constructor "
+                        "arguments of every student, e.g. '{\"act\": \"relu\"}' (use another --out)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--minutes", type=float, default=None, help="also train labels-only and each recipe for this "
                         "wall-clock budget (equal-time rows; run on a quiet machine)")

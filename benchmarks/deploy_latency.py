@@ -178,10 +178,12 @@ def time_engine(make: Callable[[], Runner], repeats: int, unit: Unit) -> dict[st
 
 
 def bench_model(name: str, shrink: int, threads: list[int], precisions: list[str], peaks: dict[int, float],
-                repeats: int, unit: Unit) -> list[dict[str, Any]]:
-    """Every engine at every thread count for one UNet (random weights)."""
+                repeats: int, unit: Unit, student_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every engine at every thread count for one UNet (random weights; a student with ``student_kwargs``)."""
     torch.manual_seed(0)
-    model = create("unet", unit.dims, 1, CLASSES, preset="teacher" if shrink == 0 else "student", shrink=shrink).eval()
+    extra = student_kwargs if shrink else {}
+    model = create("unet", unit.dims, 1, CLASSES, preset="teacher" if shrink == 0 else "student", shrink=shrink,
+                   **extra).eval()
     macs = count_macs(model, (1, 1, *unit.window))
     rows = []
     with tempfile.TemporaryDirectory(prefix="medkd_latency_") as tmp:
@@ -319,6 +321,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--precisions", nargs="+", default=["int8", "fp16"], choices=["int8", "fp16"])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per input (half as many per volume)")
+    parser.add_argument("--student-kwargs", type=json.loads, default={}, help="JSON of extra UNet arguments of "
+                        "the students, e.g. '{\"act\": \"relu\", \"norm\": \"batch\"}' (the teacher keeps its own)")
     parser.add_argument("--dims", type=int, default=2, choices=[2, 3], help="2D UNets on slices, or 3D UNets on "
                         "patches (3D: no student pipeline, which is the 2D student's)")
     parser.add_argument("--no-teacher", action="store_true", help="leave the teacher out")
@@ -337,7 +341,7 @@ def main() -> None:
     peaks = {t: matmul_peak(t, n=512 if args.quick else 2048) for t in args.threads}
     ladder = ([] if args.no_teacher else [("teacher", 0)]) + [(f"shrink {t}", t) for t in args.shrink]
     rows = [row for name, shrink in ladder for row in bench_model(name, shrink, args.threads, args.precisions, peaks,
-                                                                   args.repeats, unit)]
+                                                                   args.repeats, unit, args.student_kwargs)]
     console.print(latency_table(rows, peaks, unit))
     for line in ratios(rows):
         console.print(line)
