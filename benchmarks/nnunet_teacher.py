@@ -170,7 +170,8 @@ def main() -> None:
         shutil.rmtree(work / out, ignore_errors=True)
     tta = [] if args.tta else ["--disable_tta"]
     nnunet_s = _run([str(bindir / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(work / "pred_nnunet"), "-d", "27",
-                     "-c", configuration, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--save_probabilities", *tta], env)
+                     "-c", configuration, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--save_probabilities",
+                     *tta], env)
     medkd = [sys.executable, "-m", "medkd"]
     import_s = _run([*medkd, "import-nnunet", str(results), "--configuration", configuration, "--folds", "0",
                      "-o", str(work / "teachers")], env)
