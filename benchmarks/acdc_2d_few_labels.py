@@ -78,11 +78,12 @@ def ensemble_teacher(args) -> Path:
     return folder
 
 
-def ensemble_score(args, folder: Path) -> dict:
-    """The ensemble on the test cases, with the keys of :func:`scored` that the teacher row reads."""
-    row = test_scores("ensemble", load_predictor(folder), args.data, args.out,
+def set_score(args, name: str, folder: Path, steps: int) -> dict:
+    """A teacher set (``folder`` holds its teachers.json) on the test cases, with the keys of :func:`scored`
+    that the teacher row reads (``steps`` as given: a set has no run of its own)."""
+    row = test_scores(name, load_predictor(folder), args.data, args.out,
                       reuse_after=newest_input(folder / "teachers.json"))
-    return {**row, "steps": args.member_steps, "val_dice": float("nan")}
+    return {**row, "steps": steps, "val_dice": float("nan")}
 
 
 def full_teacher_score(args) -> dict:
@@ -90,9 +91,7 @@ def full_teacher_score(args) -> dict:
     (e.g. made by `medkd import-nnunet`; steps 0: trained elsewhere)."""
     if args.full_teacher.is_file():
         return scored(args.data, args.out, "teacher_full", args.full_teacher.parent, None)
-    row = test_scores("teacher_full", load_predictor(args.full_teacher), args.data, args.out,
-                      reuse_after=newest_input(args.full_teacher / "teachers.json"))
-    return {**row, "steps": 0, "val_dice": float("nan")}
+    return set_score(args, "teacher_full", args.full_teacher, steps=0)
 
 
 def student_tree(args, seed: int, teacher: Path | None, recipe: str | None, minutes: float | None = None) -> dict:
@@ -177,7 +176,7 @@ def main() -> None:
         scores["teacher 100%"] = full_teacher_score(args)
     if args.ensemble:
         teachers["ensemble"] = ensemble_teacher(args)
-        scores["ensemble"] = ensemble_score(args, teachers["ensemble"])
+        scores["ensemble"] = set_score(args, "ensemble", teachers["ensemble"], steps=args.member_steps)
     rows = student_rows(args, teachers)
     base = rows["labels only", None]
     table = [{**teacher_row(score), "row": tag} for tag, score in scores.items()]
