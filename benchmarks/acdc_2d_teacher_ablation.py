@@ -6,6 +6,8 @@ checkpoint by validation Dice) and trains for the same number of minutes with th
 Every run decides its post-processing on the 20 validation cases (as ``medkd train`` does); the table
 shows the post-processed validation Dice (what a user may choose by) beside the test Dice and HD95 on
 the 40 held-out test volumes (what is reported). Choose by the validation column, never by test.
+The ``*-ddp2`` variants train as two data-parallel CPU processes of one thread each (Fabric, gloo; Fabric
+re-runs this script for the second process): run them alone, after the other variants of ``--out``.
 
     taskset -c 1 python benchmarks/acdc_2d_teacher_ablation.py --minutes 12 --threads 1 \\
         --variants base shrink1 batch4 lr1e-2 light-aug sgd --out bench_runs/teacher_ablation
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -30,6 +33,8 @@ from medkd.evaluation.report import comparison_table, write_csv, write_json
 
 from acdc_2d_supervised import DEFAULT_DATA, newest_input, run_config, test_scores
 
+DDP2 = {"train.accelerator": "cpu", "train.devices": 2, "train.strategy": "ddp", "train.num_threads": 1,
+        "data.num_workers": 1}
 #: variant name -> (what it changes, dotted overrides of the reference run config)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "base": ("reference: batch 8, no aug, AdamW 3e-3", {}),
@@ -43,6 +48,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "sgd": ("SGD lr 1e-2, Nesterov 0.99 (nnU-Net)", {"train.optimizer": "sgd", "train.lr": 1e-2}),
     "fg0.66": ("foreground oversampling 0.66", {"data.foreground_oversample": 0.66}),
     "patch224": ("224x224 patches (near whole slice), batch 4", {"data.patch_size": [224, 224], "data.batch_size": 4}),
+    # both cores as two data-parallel processes (gloo) of one thread each: global batch 8 as in shrink2
+    "shrink2-ddp2": ("quarter width, 2 CPU processes x batch 4 (DDP)", {"model.shrink": 2, "data.batch_size": 4,
+                     **DDP2}),
+    "shrink2-ddp2-b16": ("quarter width, 2 CPU processes x batch 8 (DDP)", {"model.shrink": 2, **DDP2}),
 }
 
 
@@ -71,6 +80,8 @@ def run_variant(name: str, args: argparse.Namespace, console: Console) -> dict:
     if not (run_dir / "result.json").is_file():
         tree = variant_tree(args.data, args.minutes, args.out / "cache", args.seed, args.threads, overrides)
         result = train(build_config(tree), run_dir, resume=(run_dir / "last.pt").is_file())
+        if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+            raise SystemExit(0)  # a DDP variant's other process (Fabric re-ran this script): rank 0 scores
         console.print(f"{name}: {result.steps} steps in {result.elapsed_s / 60:.1f} min")
     checkpoint = run_dir / "best.pt"
     row = test_scores(name, Predictor(checkpoint), args.data, args.out, reuse_after=newest_input(checkpoint))
