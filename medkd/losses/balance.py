@@ -30,7 +30,7 @@ class TermBalancer(nn.Module):
     """Moving averages of the supervised loss and of each balanced term; checkpointed as buffers.
 
     Args:
-        names: the balanced terms.
+        names: the balanced terms (any order: ``terms[i]`` belongs to ``sorted(names)[i]``).
         momentum: EMA momentum ``m`` in [0, 1).
         eps: lower bound of a term's average in the denominator.
     """
@@ -39,7 +39,9 @@ class TermBalancer(nn.Module):
         super().__init__()
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.names = list(names)
+        # sorted: the buffers are indexed by name order, and a resumed run rebuilds the recipe from its
+        # stored config, whose term order may differ from the recipe file's
+        self.names = sorted(names)
         self.momentum, self.eps = momentum, eps
         self.register_buffer("supervised", torch.zeros(()))
         self.register_buffer("terms", torch.zeros(len(self.names)))

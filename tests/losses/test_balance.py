@@ -26,6 +26,18 @@ def test_scale_follows_the_moving_averages_of_a_float64_reference():
     assert float(balancer.scale("kl", torch.tensor(100.0))) == pytest.approx(a / b, rel=1e-6)
 
 
+def test_state_is_keyed_by_name_whatever_order_the_terms_come_in():
+    """A resumed run rebuilds its recipe from the stored config, whose terms may come in another order."""
+    first = TermBalancer(["ms_sard", "ms_ca"]).train()
+    first.observe_supervised(torch.tensor(1.0))
+    first.scale("ms_sard", torch.tensor(4.0))
+    first.scale("ms_ca", torch.tensor(0.5))
+    resumed = TermBalancer(["ms_ca", "ms_sard"])
+    resumed.load_state_dict(first.state_dict())
+    assert float(resumed.scale("ms_sard", torch.tensor(4.0))) == pytest.approx(0.25)
+    assert float(resumed.scale("ms_ca", torch.tensor(0.5))) == pytest.approx(2.0)
+
+
 def test_the_factor_carries_no_gradient():
     balancer = TermBalancer(["f"]).train()
     balancer.observe_supervised(torch.tensor(1.0))
