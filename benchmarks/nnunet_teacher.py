@@ -13,7 +13,9 @@ Steps (everything under ``--work``; run it pinned to one core, e.g. ``taskset -c
 4. ``medkd import-nnunet`` and ``medkd predict`` of the same volumes with the imported teacher;
 5. a table: per case Dice of each against the reference labels, and Dice of medkd's segmentation against
    nnU-Net's (agreement), mean over cases and classes; the share of voxels with the same label and the
-   largest and mean absolute difference of the two softmax probability maps.
+   largest and mean absolute difference of the two softmax probability maps;
+6. with ``--distill-steps N``: ``medkd distill`` of a UNet t=4 student from the imported teacher set
+   (``balanced-kd``, N steps, nnU-Net's validation Dice recorded on import) and its test Dice.
 
 A model this short segments poorly, so Dice against the reference says little; the agreement of the two
 predictors (labels and probabilities) is the measurement.
@@ -109,7 +111,49 @@ def train(work: Path, configuration: str, epochs: int, iterations: int, batch_si
     trainer = nnUNetTrainer(plans=plans, configuration=configuration, fold=0, dataset_json=dataset_json,
                             device=torch.device("cpu"))
     trainer.run_training()
+    trainer.perform_actual_validation(False)  # as nnUNetv2_train does: fold_0/validation/summary.json
     return folder, True
+
+
+def validate(work: Path, folder: Path, configuration: str) -> None:
+    """nnU-Net's final validation of a fold trained by an earlier run without it (its val Dice is what
+    ``medkd import-nnunet`` records, and what distillation's weaker-teacher check compares)."""
+    if (folder / "fold_0" / "validation" / "summary.json").is_file():
+        return
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    torch.set_num_threads(1)
+    preprocessed = work / "preprocessed" / DATASET
+    trainer = nnUNetTrainer(plans=json.loads((preprocessed / "nnUNetPlans.json").read_text()),
+                            configuration=configuration, fold=0,
+                            dataset_json=json.loads((preprocessed / "dataset.json").read_text()),
+                            device=torch.device("cpu"))
+    trainer.initialize()
+    trainer.load_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))
+    trainer.perform_actual_validation(False)
+
+
+def distill_student(work: Path, steps: int, inputs: Path, cases: list[str], env: dict[str, str]) -> dict:
+    """``medkd distill`` a UNet t=4 student from the imported teacher set with ``balanced-kd`` for ``steps``
+    steps (all training cases labelled), then its test Dice on ``cases``."""
+    medkd = [sys.executable, "-m", "medkd"]
+    run = work / f"student_t4_balanced-kd_{steps}"
+    started = time.time()
+    if not (run / "result.json").is_file():
+        _run([*medkd, "distill", "--teacher", str(work / "teachers"), "--dataset", str(ACDC), "--mode", "2d",
+              "--shrink", "4", "--recipe", "balanced-kd", "--max-steps", str(steps), "--run-dir", str(run),
+              *(["--resume"] if (run / "last.pt").is_file() else [])], env)
+    shutil.rmtree(work / "pred_student", ignore_errors=True)
+    _run([*medkd, "predict", "--checkpoint", str(run / "best.pt"), "-i", str(inputs), "-o",
+          str(work / "pred_student")], env)
+    from medkd.data.io import read_image
+
+    dice = [[_dice(read_image(work / "pred_student" / f"{case}.nii.gz")[0],
+                   read_image(ACDC / "labelsTs" / f"{case}.nii.gz")[0], c) for c in CLASSES] for case in cases]
+    result = json.loads((run / "result.json").read_text())
+    return {"student_dice": np.mean(dice, axis=0).tolist(), "student_steps": result["steps"],
+            "student_val_dice": result.get("best_metric"), "student_s": time.time() - started}
 
 
 def _dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
@@ -147,6 +191,8 @@ def main() -> None:
                         "features per stage divided by this (a configuration 2d_w<D> added to the plans; 1: 2d)")
     parser.add_argument("--test-cases", type=int, default=10, help="first N test volumes (0: all 40)")
     parser.add_argument("--tta", action="store_true", help="mirroring TTA in both predictors")
+    parser.add_argument("--distill-steps", type=int, default=0, help="then distil a UNet t=4 student from the "
+                        "imported teacher with balanced-kd for this many steps and score it (0: skip)")
     args = parser.parse_args()
     if not (ACDC / "dataset.json").is_file():
         sys.exit(f"ACDC not found at {ACDC}")
@@ -157,6 +203,7 @@ def main() -> None:
     start = time.time()
     configuration = add_narrow_configuration(work, args.width_divisor, args.batch_size)
     results, trained = train(work, configuration, args.epochs, args.iterations, args.batch_size)
+    validate(work, results, configuration)
     train_s = time.time() - start if trained else None
     images = sorted((ACDC / "imagesTs").glob("*_0000.nii.gz"))
     images = images[: args.test_cases] if args.test_cases else images
@@ -178,6 +225,8 @@ def main() -> None:
     medkd_s = _run([*medkd, "predict", "--checkpoint", str(work / "teachers"), "-i", str(inputs), "-o",
                     str(work / "pred_medkd"), "--save-probabilities", *(["--tta"] if args.tta else [])], env)
     summary = compare(cases, work / "pred_nnunet", work / "pred_medkd")
+    if args.distill_steps:
+        summary.update(distill_student(work, args.distill_steps, inputs, cases, env))
     summary.update(train_s=train_s, nnunet_predict_s=nnunet_s, import_s=import_s, medkd_predict_s=medkd_s,
                    epochs=args.epochs, iterations=args.iterations, batch_size=args.batch_size, tta=args.tta,
                    configuration=configuration)
@@ -197,6 +246,10 @@ def main() -> None:
     print(f"voxels with the same label: {summary['voxels_equal']:.5f}; softmax probabilities: max |difference| "
           f"{summary['probability_max_abs_diff']:.4f}, mean {summary['probability_mean_abs_diff']:.2e} "
           "(medkd stores float16)")
+    if args.distill_steps:
+        dice = summary["student_dice"]
+        print(f"| student (UNet t=4, balanced-kd, {summary['student_steps']} steps) | {dice[0]:.4f} | {dice[1]:.4f} | "
+              f"{dice[2]:.4f} | {np.mean(dice):.4f} | {summary['student_s']:.0f} |")
 
 
 if __name__ == "__main__":
