@@ -125,8 +125,8 @@ def validate(work: Path, folder: Path, configuration: str) -> None:
 
     torch.set_num_threads(1)
     preprocessed = work / "preprocessed" / DATASET
-    trainer = nnUNetTrainer(plans=json.loads((preprocessed / "nnUNetPlans.json").read_text()),
-                            configuration=configuration, fold=0,
+    plans = {**json.loads((preprocessed / "nnUNetPlans.json").read_text()), "continue_training": False}
+    trainer = nnUNetTrainer(plans=plans, configuration=configuration, fold=0,
                             dataset_json=json.loads((preprocessed / "dataset.json").read_text()),
                             device=torch.device("cpu"))
     trainer.initialize()
