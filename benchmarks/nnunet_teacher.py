@@ -85,6 +85,16 @@ def add_narrow_configuration(work: Path, divisor: int, batch_size: int) -> str:
     return name
 
 
+def _trainer_arguments(work: Path, configuration: str) -> dict:
+    """Constructor arguments of nnU-Net's trainer for fold 0 of ``configuration`` on the CPU."""
+    import torch
+
+    preprocessed = work / "preprocessed" / DATASET
+    plans = {**json.loads((preprocessed / "nnUNetPlans.json").read_text()), "continue_training": False}
+    return {"plans": plans, "configuration": configuration, "fold": 0,
+            "dataset_json": json.loads((preprocessed / "dataset.json").read_text()), "device": torch.device("cpu")}
+
+
 def train(work: Path, configuration: str, epochs: int, iterations: int, batch_size: int) -> tuple[Path, bool]:
     """Fold 0 of ``configuration`` with nnU-Net's trainer, shortened; returns the results folder and
     whether it trained now (a fold already trained under ``--work`` is reused)."""
@@ -105,11 +115,7 @@ def train(work: Path, configuration: str, epochs: int, iterations: int, batch_si
         return folder, False
     torch.set_num_threads(1)
     os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in this process (planning needs >= 1, training takes 0)
-    preprocessed = work / "preprocessed" / DATASET
-    plans = {**json.loads((preprocessed / "nnUNetPlans.json").read_text()), "continue_training": False}
-    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
-    trainer = nnUNetTrainer(plans=plans, configuration=configuration, fold=0, dataset_json=dataset_json,
-                            device=torch.device("cpu"))
+    trainer = nnUNetTrainer(**_trainer_arguments(work, configuration))
     trainer.run_training()
     trainer.perform_actual_validation(False)  # as nnUNetv2_train does: fold_0/validation/summary.json
     return folder, True
@@ -124,11 +130,7 @@ def validate(work: Path, folder: Path, configuration: str) -> None:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     torch.set_num_threads(1)
-    preprocessed = work / "preprocessed" / DATASET
-    plans = {**json.loads((preprocessed / "nnUNetPlans.json").read_text()), "continue_training": False}
-    trainer = nnUNetTrainer(plans=plans, configuration=configuration, fold=0,
-                            dataset_json=json.loads((preprocessed / "dataset.json").read_text()),
-                            device=torch.device("cpu"))
+    trainer = nnUNetTrainer(**_trainer_arguments(work, configuration))
     trainer.initialize()
     trainer.load_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))
     trainer.perform_actual_validation(False)
