@@ -51,7 +51,7 @@ from medkd.engine.run_dir import RunDirError  # noqa: F401  (re-exported: caller
 from medkd.engine.tasks import SupervisedTask
 from medkd.engine.validation import decide_run_postprocessing, validate
 from medkd.losses import build_supervised_loss
-from medkd.models import create
+from medkd.models import create, create_from_spec
 from medkd.storage import atomic_write_text, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self._resume_checkpoint: dict | None = None  # last.pt of a resumed run, read once
         self.task_factory = task_factory
         self.callbacks = list(callbacks)
         self.extra_checkpoint = extra_checkpoint or {}
@@ -133,7 +134,11 @@ class Trainer:
         return task if task is not None else self.task_factory(self._network(), self.data, self.config)
 
     def _network(self) -> nn.Module:
+        """The network to train: a resumed run's is rebuilt from its checkpoint's spec (what a preset resolved
+        to then, even if the preset has changed since), a new run's from the config."""
         cfg = self.config
+        if self.resume:
+            return create_from_spec(self._last_checkpoint()["model_spec"])
         try:
             return create(cfg.model.name, cfg.data.spatial_dims, self.data.dataset.num_channels,
                           self.data.dataset.num_classes, preset=cfg.model.preset, shrink=cfg.model.shrink,
@@ -153,8 +158,14 @@ class Trainer:
         else:
             save_config(self.config, self.run_dir / "config.yaml")
 
+    def _last_checkpoint(self) -> dict:
+        if self._resume_checkpoint is None:
+            self._resume_checkpoint = load_checkpoint(self.run_dir / "last.pt")
+        return self._resume_checkpoint
+
     def _restore(self, task: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        ckpt = load_checkpoint(self.run_dir / "last.pt")
+        ckpt = self._last_checkpoint()
+        self._resume_checkpoint = None  # restored: free the copy
         task.network.load_state_dict(ckpt["state_dict"])
         task.extra_modules().load_state_dict(ckpt["extra_state"])
         optimizer.load_state_dict(ckpt["optimizer"])

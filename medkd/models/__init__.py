@@ -2,6 +2,7 @@
 
 from medkd.models.complexity import count_macs, count_parameters, measure_latency
 from medkd.models.registry import (
+    PRESET_KWARGS,
     PRESETS,
     ModelSpec,
     create,
@@ -13,6 +14,7 @@ from medkd.models.registry import (
 
 __all__ = [
     "PRESETS",
+    "PRESET_KWARGS",
     "ModelSpec",
     "count_macs",
     "count_parameters",

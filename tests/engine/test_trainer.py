@@ -44,6 +44,20 @@ def test_resume_after_interruption_gives_same_weights(phantoms_2d, tmp_path, tin
     assert _losses(tmp_path / "full") == pytest.approx(_losses(tmp_path / "cut"))
 
 
+def test_resume_rebuilds_the_network_of_the_checkpoint_not_the_current_preset(phantoms_2d, tmp_path, tiny_config,
+                                                                               interrupt_at, monkeypatch):
+    from medkd.models import registry
+
+    cfg = build_config(tiny_config(phantoms_2d, tmp_path / "cache"))
+    monkeypatch.setitem(registry.PRESET_KWARGS, "student", {"unet": {"act": "prelu"}})  # an older default
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, tmp_path / "cut", callbacks=[interrupt_at(4)]).fit()
+    monkeypatch.setitem(registry.PRESET_KWARGS, "student", {"unet": {"act": "relu"}})  # the preset changed since
+    train(None, tmp_path / "cut", resume=True)
+    resumed = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert resumed["step"] == 6 and resumed["model_spec"]["kwargs"]["act"] == "prelu"
+
+
 def test_never_overwrites_a_run(phantoms_2d, tmp_path, tiny_config):
     cfg = build_config(tiny_config(phantoms_2d, tmp_path / "cache", max_steps=1))
     train(cfg, tmp_path / "run")

@@ -115,6 +115,26 @@ def test_spec_kwargs_round_trip():
     assert list(clone.state_dict()) == list(model.state_dict())
 
 
+def test_unet_student_preset_uses_relu_and_writes_it_into_the_spec():
+    student = create("unet", 2, 1, 2, preset="student")
+    acts = {type(m).__name__ for m in student.modules() if isinstance(m, (nn.ReLU, nn.PReLU))}
+    assert acts == {"ReLU"} and student.medkd_spec.kwargs == {"act": "relu"}
+    teacher = create("unet", 2, 1, 2, preset="teacher")
+    assert any(isinstance(m, nn.PReLU) for m in teacher.modules()) and teacher.medkd_spec.kwargs == {}
+    chosen = create("unet", 2, 1, 2, preset="student", act="prelu")  # kwargs win over the preset's
+    assert any(isinstance(m, nn.PReLU) for m in chosen.modules())
+    assert create("basicunet", 2, 1, 2, preset="student").medkd_spec.kwargs == {}  # only unet has PReLU
+
+
+def test_spec_without_act_rebuilds_the_prelu_student_of_older_checkpoints():
+    old = create("unet", 2, 1, 2, preset="student", act="prelu")
+    spec = old.medkd_spec.to_dict()
+    del spec["kwargs"]["act"]  # a checkpoint written when PReLU was the student preset's activation
+    clone = create_from_spec(spec)
+    clone.load_state_dict(old.state_dict())
+    assert any(isinstance(m, nn.PReLU) for m in clone.modules())
+
+
 def test_scale_channels():
     assert scale_channels((32, 64, 128, 256, 512), 3) == (4, 8, 16, 32, 64)
     assert scale_channels((32, 64), 0) == (32, 64)
