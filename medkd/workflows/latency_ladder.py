@@ -54,13 +54,14 @@ def configuration_ladder(plans: Mapping[str, Any], name: str, latency_ms: float,
     rows = []
     with tempfile.TemporaryDirectory(prefix="medkd_ladder_") as folder:
         for shrink in SHRINKS:
-            network = create("unet", dims, in_channels, num_classes, shrink=shrink, channels=channels,
+            preset = "teacher" if shrink == 0 else "student"  # what `--preset student --shrink t` trains
+            network = create("unet", dims, in_channels, num_classes, preset=preset, shrink=shrink, channels=channels,
                              strides=strides).eval()
             if note is not None:
                 note(f"{name}: timing shrink {shrink} ({count_parameters(network):,} parameters)")
             window_ms, used = _rung_ms(network, shape, engine, threads, repeats, Path(folder))
-            rows.append({"shrink": shrink, "parameters": count_parameters(network), "ms_per_window": window_ms,
-                         "ms_per_case": window_ms * windows, "engine": used})
+            rows.append({"shrink": shrink, "preset": preset, "parameters": count_parameters(network),
+                         "ms_per_window": window_ms, "ms_per_case": window_ms * windows, "engine": used})
     fitting = [row for row in rows if row["ms_per_case"] <= latency_ms]
     widest = min(fitting, key=lambda row: row["shrink"]) if fitting else None
     return {"configuration": name, "latency_ms": latency_ms, "threads": threads, "windows_per_case": windows,

@@ -104,6 +104,7 @@ def test_latency_ladder_names_the_widest_student_within_the_budget(phantoms_2d, 
     generous = configuration_ladder(plans, "2d", 1e9, repeats=1)
     rungs = generous["rungs"]
     assert [r["shrink"] for r in rungs] == list(range(7)) and generous["widest"]["shrink"] == 0
+    assert [r["preset"] for r in rungs] == ["teacher"] + ["student"] * 6  # timed as they would be trained
     assert all(a["parameters"] > b["parameters"] for a, b in zip(rungs, rungs[1:4]))
     assert all(r["ms_per_case"] == r["ms_per_window"] * generous["windows_per_case"] for r in rungs)
     assert {r["engine"] for r in rungs} == {"onnx"}
