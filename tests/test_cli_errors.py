@@ -59,7 +59,7 @@ def test_a_full_disk_names_the_checkpoint_and_leaves_no_temp_file(tmp_path, monk
 
 
 def _limit_file_size() -> None:
-    resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))  # the checkpoint (1.3 MB) cannot be written
+    resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))  # the checkpoint (~390 KB) cannot be written
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
 
 
