@@ -72,7 +72,7 @@ def _train_options(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (data/model/train sections)")] = None,
     dataset: Annotated[Optional[Path], typer.Option(help="dataset folder (data.dataset)")] = None,
     model: Annotated[Optional[str], typer.Option(help="registry name, see `medkd models`")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="teacher or student (8x narrower; a unet student uses ReLU)")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="teacher or student (8x narrower; a 2D unet student uses ReLU)")] = None,
     shrink: Annotated[Optional[int], typer.Option(help="width reduction t: C' = max(4, C/2^t)")] = None,
     mode: Annotated[Optional[str], typer.Option(help="2d or 3d")] = None,
     patch_size: Annotated[Optional[str], typer.Option(help="e.g. 128,128 or 64,128,128")] = None,

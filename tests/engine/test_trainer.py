@@ -49,10 +49,10 @@ def test_resume_rebuilds_the_network_of_the_checkpoint_not_the_current_preset(ph
     from medkd.models import registry
 
     cfg = build_config(tiny_config(phantoms_2d, tmp_path / "cache"))
-    monkeypatch.setitem(registry.PRESET_KWARGS, "student", {"unet": {"act": "prelu"}})  # an older default
+    monkeypatch.setitem(registry.PRESET_KWARGS, "student", {("unet", 2): {"act": "prelu"}})  # an older default
     with pytest.raises(KeyboardInterrupt):
         Trainer(cfg, tmp_path / "cut", callbacks=[interrupt_at(4)]).fit()
-    monkeypatch.setitem(registry.PRESET_KWARGS, "student", {"unet": {"act": "relu"}})  # the preset changed since
+    monkeypatch.setitem(registry.PRESET_KWARGS, "student", {("unet", 2): {"act": "relu"}})  # the preset changed since
     train(None, tmp_path / "cut", resume=True)
     resumed = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert resumed["step"] == 6 and resumed["model_spec"]["kwargs"]["act"] == "prelu"

@@ -124,6 +124,8 @@ def test_unet_student_preset_uses_relu_and_writes_it_into_the_spec():
     chosen = create("unet", 2, 1, 2, preset="student", act="prelu")  # kwargs win over the preset's
     assert any(isinstance(m, nn.PReLU) for m in chosen.modules())
     assert create("basicunet", 2, 1, 2, preset="student").medkd_spec.kwargs == {}  # only unet has PReLU
+    student_3d = create("unet", 3, 1, 2, preset="student")  # 3D students keep PReLU (learned worse with ReLU)
+    assert any(isinstance(m, nn.PReLU) for m in student_3d.modules()) and student_3d.medkd_spec.kwargs == {}
 
 
 def test_spec_without_act_rebuilds_the_prelu_student_of_older_checkpoints():
