@@ -43,7 +43,19 @@ def _measured_s_per_step(run_dir: Path) -> tuple[float, int] | None:
 
 
 def _bench(network: Any, cfg: RunConfig, channels: int, classes: int, backward: bool, repeats: int = 3) -> float:
-    """Seconds of one step (forward, and with ``backward`` loss, backward and AdamW) on a random batch."""
+    """Seconds of one step (forward, and with ``backward`` loss, backward and AdamW) on a random batch,
+    with the run's ``train.num_threads`` (the trainer sets it too; a 1-thread run steps slower than all cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.train.num_threads or threads)
+    try:
+        return _timed_steps(network, cfg, channels, classes, backward, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timed_steps(network: Any, cfg: RunConfig, channels: int, classes: int, backward: bool, repeats: int) -> float:
     import torch
     import torch.nn.functional as F
 
