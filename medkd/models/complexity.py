@@ -5,15 +5,28 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
-__all__ = ["count_macs", "count_parameters", "measure_latency"]
+__all__ = ["count_macs", "count_parameters", "measure_latency", "torch_threads"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block, the caller's count restored after (``None``: unchanged)."""
+    old_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -129,24 +142,21 @@ def measure_latency(
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 or None, got {threads}.")
-    old_threads = torch.get_num_threads()
     modes = _snapshot_modes(model)
     times_ms: list[float] = []
     try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        model.eval()
-        with torch.inference_mode():
-            x = _example_input(model, shape)
-            for _ in range(warmup):
-                model(x)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(x)
-                times_ms.append((time.perf_counter() - start) * 1e3)
-        used_threads = torch.get_num_threads()
+        with torch_threads(threads):
+            model.eval()
+            with torch.inference_mode():
+                x = _example_input(model, shape)
+                for _ in range(warmup):
+                    model(x)
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    model(x)
+                    times_ms.append((time.perf_counter() - start) * 1e3)
+            used_threads = torch.get_num_threads()
     finally:
-        torch.set_num_threads(old_threads)
         _restore_modes(modes)
     return {
         "median_ms": statistics.median(times_ms),

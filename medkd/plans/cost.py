@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from medkd.models import create
-from medkd.models.complexity import count_macs, count_parameters
+from medkd.models.complexity import count_macs, count_parameters, torch_threads
 
 #: training throughput of one CPU thread in forward-MAC equivalents x 3 (forward + backward): 20 GMAC/s was
 #: measured on medkd's 3D UNet teacher with an idle core, but whole training steps of planned 2D and 3D teachers
@@ -129,9 +129,7 @@ def measure_gmacs_per_thread(threads: int = 1, steps: int = 3) -> float:
     macs = count_macs(model, (1, *shape[1:])) * shape[0]
     optimizer = torch.optim.AdamW(model.parameters())
     x, y = torch.randn(shape), torch.zeros((shape[0], *shape[2:]), dtype=torch.long)
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         model.train()
         times = []
         for _ in range(steps + 1):
@@ -140,7 +138,5 @@ def measure_gmacs_per_thread(threads: int = 1, steps: int = 3) -> float:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(old_threads)
     efficiency = 1.0 if threads == 1 else Budget.thread_efficiency
     return BACKWARD_FACTOR * macs / min(times[1:]) / 1e9 / (threads * efficiency)

@@ -46,33 +46,25 @@ def _bench(network: Any, cfg: RunConfig, channels: int, classes: int, backward: 
     """Seconds of one step (forward, and with ``backward`` loss, backward and AdamW) on a random batch,
     with the run's ``train.num_threads`` (the trainer sets it too; a 1-thread run steps slower than all cores)."""
     import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.train.num_threads or threads)
-    try:
-        return _timed_steps(network, cfg, channels, classes, backward, repeats)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _timed_steps(network: Any, cfg: RunConfig, channels: int, classes: int, backward: bool, repeats: int) -> float:
-    import torch
     import torch.nn.functional as F
+
+    from medkd.models.complexity import torch_threads
 
     x = torch.randn(cfg.data.batch_size, channels, *cfg.data.patch_size)
     y = torch.randint(0, classes, (cfg.data.batch_size, *cfg.data.patch_size))
     optimizer = torch.optim.AdamW(network.parameters()) if backward else None
     times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        with torch.set_grad_enabled(backward):
-            logits = network(x)
-            logits = logits[0] if isinstance(logits, (list, tuple)) else logits
-            if backward:
-                optimizer.zero_grad()
-                F.cross_entropy(logits, y).backward()
-                optimizer.step()
-        times.append(time.perf_counter() - start)
+    with torch_threads(cfg.train.num_threads):
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            with torch.set_grad_enabled(backward):
+                logits = network(x)
+                logits = logits[0] if isinstance(logits, (list, tuple)) else logits
+                if backward:
+                    optimizer.zero_grad()
+                    F.cross_entropy(logits, y).backward()
+                    optimizer.step()
+            times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
 

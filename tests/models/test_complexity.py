@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from medkd.models import count_macs, count_parameters, create
-from medkd.models.complexity import measure_latency
+from medkd.models.complexity import measure_latency, torch_threads
 
 
 class _Net2d(nn.Module):
@@ -87,3 +87,14 @@ def test_bad_arguments():
         count_macs(nn.Conv2d(1, 1, 1), (1,))
     with pytest.raises(ValueError, match="repeats"):
         measure_latency(nn.Identity(), (1, 1, 4, 4), repeats=0)
+
+
+def test_torch_threads_sets_the_count_inside_and_restores_it_after_an_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
