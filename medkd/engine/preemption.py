@@ -20,8 +20,13 @@ from typing import Any, Callable
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class TrainingInterrupted(Exception):
-    """The run stopped on a signal; ``checkpoint`` is the ``last.pt`` written for it (None if none)."""
+class TrainingInterrupted(BaseException):
+    """The run stopped on a signal; ``checkpoint`` is the ``last.pt`` written for it (None if none).
+
+    A :class:`BaseException`, as :class:`KeyboardInterrupt` is: a signal outside the training loop raises it
+    wherever the process is, also inside code that turns any ``Exception`` into its own error (loading a
+    checkpoint does), which would make a stopped run look like a failed one.
+    """
 
     def __init__(self, signum: int, step: int | None = None, checkpoint: Path | None = None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint

@@ -42,7 +42,7 @@ class StudyInterrupted(TrainingInterrupted):
     """The study stopped on a signal; every run it had started kept its last.pt (exit code 128 + signal)."""
 
     def __init__(self, signum: int, study_path: Path, stopped: list[str]):
-        Exception.__init__(self, f"study stopped by {signal.Signals(signum).name}"
+        BaseException.__init__(self, f"study stopped by {signal.Signals(signum).name}"
                            + (f"; {', '.join(stopped)} stopped and resume(s) from last.pt" if stopped else "")
                            + f": run `medkd experiment {study_path}` (same --out, any --devices) again to continue")
         self.signum, self.step, self.checkpoint = signum, None, None

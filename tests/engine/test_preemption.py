@@ -108,3 +108,31 @@ def test_sigterm_to_a_cli_run_with_loader_workers_then_resume(phantoms_2d, tmp_p
     result = CliRunner().invoke(app, ["train", "--run-dir", str(run), "--resume"])
     assert result.exit_code == 0, result.output
     assert _steps(run / "train_log.csv") == list(range(1, step + 3))
+
+
+def test_a_signal_while_loading_a_checkpoint_after_the_loop_stops_the_run_and_resume_finishes_it(
+        phantoms_2d, tmp_path, tiny_config, monkeypatch):
+    """After the loop the signal raises at once, wherever the process is; inside ``load_checkpoint`` (which
+    turns any ``Exception`` into a CheckpointError) it must still read as a stop, not as a failed run."""
+    import medkd.engine.trainer as trainer_module
+
+    real_decide, real_load = trainer_module.decide_run_postprocessing, torch.load
+
+    def load_with_a_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, inside load_checkpoint's try
+        return real_load(*args, **kwargs)
+
+    def decide_while_signalled(*args, **kwargs):
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "load", load_with_a_signal)
+            return real_decide(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "decide_run_postprocessing", decide_while_signalled)
+    cfg = build_config(tiny_config(phantoms_2d, tmp_path / "cache", max_steps=4, checkpoint_every=2, val_every=2))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(cfg, tmp_path / "run")
+    assert stopped.value.exit_code == 143 and stopped.value.checkpoint == tmp_path / "run" / "last.pt"
+    assert not (tmp_path / "run" / "result.json").exists()
+    monkeypatch.setattr(trainer_module, "decide_run_postprocessing", real_decide)
+    assert train(None, tmp_path / "run", resume=True).steps == 4
+    assert (tmp_path / "run" / "result.json").is_file()
