@@ -43,8 +43,8 @@ class StudyInterrupted(TrainingInterrupted):
 
     def __init__(self, signum: int, study_path: Path, stopped: list[str]):
         BaseException.__init__(self, f"study stopped by {signal.Signals(signum).name}"
-                           + (f"; {', '.join(stopped)} stopped and resume(s) from last.pt" if stopped else "")
-                           + f": run `medkd experiment {study_path}` (same --out, any --devices) again to continue")
+                               + (f"; {', '.join(stopped)} stopped and resume(s) from last.pt" if stopped else "")
+                               + f": run `medkd experiment {study_path}` (same --out, any --devices) again to continue")
         self.signum, self.step, self.checkpoint = signum, None, None
 
 
